@@ -1,0 +1,42 @@
+//! The end of every request: one access-log line and the request metrics, written from
+//! Pingora's logging phase so early answers and failures are counted too.
+
+use pingora::proxy::Session;
+use tracing::info;
+
+use crate::metrics::Metrics;
+use crate::proxy::RequestCtx;
+
+pub fn finish(
+    session: &Session,
+    ctx: &RequestCtx,
+    metrics: &Metrics,
+    error: Option<&pingora::Error>,
+) {
+    let status = session.response_written().map_or(0, |r| r.status.as_u16());
+    let route = ctx.route_label();
+    let client = ctx.policy.client.as_str();
+    let elapsed = ctx.started.elapsed();
+    // Status 0: the connection failed before any response was written.
+    let status_label = status.to_string();
+    metrics
+        .requests_total
+        .with_label_values(&[client, route, status_label.as_str()])
+        .inc();
+    metrics
+        .request_duration_seconds
+        .with_label_values(&[client, route])
+        .observe(elapsed.as_secs_f64());
+    let request = session.req_header();
+    info!(
+        target: "access",
+        trace_id = %ctx.trace_id,
+        method = %request.method,
+        path = %request.uri.path(),
+        route,
+        status,
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
+        error = error.map(|e| e.etype().as_str()),
+        "request"
+    );
+}

@@ -1,0 +1,56 @@
+//! Writing the responses the sidecar produces itself: JSON bodies and error envelopes, always
+//! with `X-Trace-Id`.
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+use super::edge::TRACE_HEADER;
+use crate::envelope::Envelope;
+use crate::proxy::RequestCtx;
+
+pub async fn json(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    status: u16,
+    headers: &[(HeaderName, HeaderValue)],
+    body: Bytes,
+) -> pingora::Result<()> {
+    let mut header = ResponseHeader::build(status, Some(headers.len() + 3))?;
+    header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    header.insert_header(TRACE_HEADER, &ctx.trace_id)?;
+    for (name, value) in headers {
+        header.insert_header(name.clone(), value.clone())?;
+    }
+    let head_only = session.req_header().method == http::Method::HEAD || status == 204;
+    session
+        .write_response_header(Box::new(header), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+pub async fn error(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    envelope: &Envelope,
+    headers: &[(HeaderName, HeaderValue)],
+) -> pingora::Result<()> {
+    let mut all = headers.to_vec();
+    all.push((
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    ));
+    json(
+        session,
+        ctx,
+        envelope.status,
+        &all,
+        envelope.body(&ctx.trace_id),
+    )
+    .await
+}

@@ -1,0 +1,150 @@
+//! The on-disk policy schema: what a YAML file may say, with source locations. Never used by
+//! the proxy directly; `compile` turns it into a validated `Policy`.
+
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Deserializer};
+use serde_saphyr::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub client: Spanned<String>,
+    #[serde(default)]
+    pub auth: Option<Spanned<RawAuth>>,
+    #[serde(default)]
+    pub upstreams: IndexMap<String, Spanned<RawUpstream>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    pub fallthrough: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub jwt: Spanned<RawJwt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    pub issuer: String,
+    pub audience: String,
+    pub algorithms: Spanned<Vec<Algorithm>>,
+    pub jwks_url: Option<Spanned<String>>,
+    pub jwks_file: Option<Spanned<String>>,
+    pub hs256_secret: Option<Spanned<String>>,
+    pub leeway: Option<Humane>,
+}
+
+/// The JWT signature algorithms a policy may allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+pub enum Algorithm {
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    ES256,
+    ES384,
+    EdDSA,
+    HS256,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: Spanned<String>,
+    pub timeout: Option<Spanned<Humane>>,
+    pub credential: Option<Spanned<RawCredential>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredential {
+    pub header: Spanned<String>,
+    pub value: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Spanned<String>,
+    pub method: Spanned<String>,
+    pub path: Spanned<String>,
+    pub version: Option<Spanned<u32>>,
+    pub deadline: Option<Spanned<Humane>>,
+    pub cache: Option<Spanned<RawCache>>,
+    #[serde(default)]
+    pub headers: IndexMap<String, Spanned<String>>,
+    pub on_critical_failure: Option<Spanned<RawCriticalFailure>>,
+    pub fetch: Option<Spanned<IndexMap<String, Spanned<RawFetch>>>>,
+    pub proxy: Option<Spanned<RawProxy>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub scope: CacheScope,
+    pub ttl: Spanned<Humane>,
+    pub jitter: Option<Humane>,
+    pub beta: Option<Spanned<f64>>,
+    pub stale_while_revalidate: Option<Humane>,
+    pub degraded_ttl: Option<Humane>,
+}
+
+/// Whose response a cache entry is: one identity's, or everyone's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    User,
+    Shared,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCriticalFailure {
+    pub status: Spanned<u16>,
+    pub code: Spanned<String>,
+    pub message: String,
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFetch {
+    pub upstream: Spanned<String>,
+    pub path: Spanned<String>,
+    #[serde(default)]
+    pub critical: bool,
+    pub select: Option<Spanned<String>>,
+    pub fields: Option<Spanned<Vec<String>>>,
+    pub fallback: Option<Spanned<serde_json::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    pub upstream: Spanned<String>,
+    pub path: Spanned<String>,
+    pub fields: Option<Spanned<Vec<String>>>,
+}
+
+/// A duration written the way people write them: `300ms`, `60s`, `10m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Humane(pub Duration);
+
+impl<'de> Deserialize<'de> for Humane {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(text.trim())
+            .map(Humane)
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "`{text}` is not a duration; write a number and a unit, like 300ms, 60s or 10m"
+                ))
+            })
+    }
+}

@@ -1,0 +1,184 @@
+//! Wiring: the Pingora server with the data-plane and admin listeners, the policy watcher, and
+//! SIGTERM draining.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+use crate::admin::Admin;
+use crate::metrics::ReloadResult;
+use crate::policy::Policy;
+use crate::proxy::{Bff, Shared};
+
+/// How often the policy file is compared with the one in force. Polling the content (not
+/// inotify) also sees Kubernetes ConfigMap updates, which swap a symlinked directory.
+const POLICY_POLL: Duration = Duration::from_secs(1);
+
+pub struct RunOptions {
+    pub policy: PathBuf,
+    pub listen: String,
+    pub admin: String,
+    pub threads: usize,
+    /// Longest time SIGTERM waits for in-flight requests before the process exits.
+    pub grace_period: Duration,
+}
+
+/// Runs the sidecar until SIGTERM (drain, then exit) or SIGINT (exit at once).
+pub fn run(options: RunOptions, policy: Policy) -> ! {
+    let conf = ServerConf {
+        threads: options.threads.max(1),
+        // Pingora waits this long after SIGTERM before stopping its runtimes; `DrainOnTerm`
+        // exits earlier as soon as no request is in flight.
+        grace_period_seconds: Some(options.grace_period.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let shared = Arc::new(Shared::new(policy));
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Bff {
+            shared: shared.clone(),
+        },
+        "bff",
+    );
+    proxy.add_tcp(&options.listen);
+
+    let mut admin = Service::new(
+        "admin".to_string(),
+        Admin {
+            shared: shared.clone(),
+        },
+    );
+    admin.add_tcp(&options.admin);
+    admin.threads = Some(1);
+
+    let watcher = background_service(
+        "policy-watch",
+        PolicyWatch {
+            shared: shared.clone(),
+            path: options.policy.clone(),
+        },
+    );
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(watcher);
+    info!(listen = %options.listen, admin = %options.admin, policy = %options.policy.display(), "bff starting");
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainOnTerm {
+            shared,
+            grace_period: options.grace_period,
+        }),
+    });
+    std::process::exit(0)
+}
+
+/// Reloads the policy on SIGHUP and when the file's content changes. An invalid policy is
+/// refused and counted, and the one in force keeps serving.
+struct PolicyWatch {
+    shared: Arc<Shared>,
+    path: PathBuf,
+}
+
+impl PolicyWatch {
+    fn reload(&self, why: &str) {
+        match Policy::load(&self.path) {
+            Ok(policy) => {
+                self.shared.policy.store(Arc::new(policy));
+                self.shared.metrics.reloaded(ReloadResult::Ok);
+                info!(why, policy = %self.path.display(), "policy reloaded");
+            }
+            Err(e) => {
+                self.shared.metrics.reloaded(ReloadResult::Invalid);
+                error!(why, errors = %e, "policy refused; the previous policy keeps serving");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for PolicyWatch {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGHUP; policy reload by signal is off");
+                return;
+            }
+        };
+        let read = || std::fs::read(&self.path).ok();
+        let mut seen = read();
+        // SIGHUP is now handled (its default would kill the process): the sidecar is ready.
+        self.shared.ready.store(true, Ordering::SeqCst);
+        let mut poll = tokio::time::interval(POLICY_POLL);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = hangup.recv() => {
+                    seen = read();
+                    self.reload("SIGHUP");
+                }
+                _ = poll.tick() => {
+                    let now = read();
+                    if now.is_some() && now != seen {
+                        seen = now;
+                        self.reload("file changed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM: report not-ready, stop accepting, let in-flight requests finish, and exit as soon
+/// as none is left (or when the grace period ends). SIGINT exits at once.
+struct DrainOnTerm {
+    shared: Arc<Shared>,
+    grace_period: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainOnTerm {
+    async fn recv(&self) -> ShutdownSignal {
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            error!("cannot install signal handlers; SIGTERM will not drain");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => return ShutdownSignal::FastShutdown,
+            _ = term.recv() => {}
+            // No socket hand-over: a sidecar is replaced by its pod, so SIGQUIT drains too.
+            _ = quit.recv() => {}
+        }
+        info!(grace_period = ?self.grace_period, "draining: no new connections, waiting for in-flight requests");
+        self.shared.ready.store(false, Ordering::SeqCst);
+        let in_flight = self.shared.in_flight.clone();
+        let deadline = Instant::now() + self.grace_period;
+        std::thread::spawn(move || {
+            // A connection accepted just before the signal may not have created its request yet.
+            std::thread::sleep(Duration::from_millis(200));
+            while in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            info!(left = in_flight.load(Ordering::SeqCst), "drained; exiting");
+            std::process::exit(0);
+        });
+        ShutdownSignal::GracefulTerminate
+    }
+}

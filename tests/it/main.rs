@@ -1,0 +1,4 @@
+//! Integration tests for `bff`: one test binary (`cargo test --test it`) so Pingora links once.
+
+mod harness_selftest;
+mod support;
