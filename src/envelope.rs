@@ -94,7 +94,6 @@ impl ErrorCode {
     /// The envelope for an error status an upstream answered a `proxy` route with.
     pub fn for_upstream_status(status: u16) -> ErrorCode {
         match status {
-            400 => ErrorCode::BadRequest,
             401 => ErrorCode::Unauthenticated,
             403 => ErrorCode::Forbidden,
             404 | 410 => ErrorCode::NotFound,

@@ -14,6 +14,7 @@
 //! `policy` is the contract the stages run on; `proxy` maps them onto Pingora's phases;
 //! `upstream` reaches internal services; `server` and `admin` wire the process.
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod admin;
 pub mod demo;

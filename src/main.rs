@@ -1,4 +1,6 @@
 //! The `bff` command line: `run` the sidecar, `check` policies, `demo` on built-in mocks.
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -116,7 +118,9 @@ fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BFF_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     if std::env::var("BFF_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().flatten_event(true).init();
     } else {

@@ -20,6 +20,9 @@ use super::{
 use crate::pipeline::route::RouteTable;
 use crate::projection::{self, FieldMask};
 
+/// Looks an upstream up by name, reporting an undefined one.
+type FindUpstream<'a> = &'a dyn Fn(&mut Diagnostics, &Spanned<String>) -> Option<Arc<Upstream>>;
+
 #[derive(Default)]
 struct Diagnostics(Vec<Diagnostic>);
 
@@ -89,7 +92,7 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
                 format!("route name `{}` is used twice", name.value),
             );
         }
-        if let Some(route) = compile_route(spec.value, &find_upstream, &mut diags) {
+        if let Some(route) = compile_route(spec.value, auth.is_some(), &find_upstream, &mut diags) {
             routes.push(Arc::new(route));
             route_locations.push(location);
         }
@@ -292,7 +295,8 @@ fn compile_upstream(
 
 fn compile_route(
     spec: raw::RawRoute,
-    find_upstream: &dyn Fn(&mut Diagnostics, &Spanned<String>) -> Option<Arc<Upstream>>,
+    has_auth: bool,
+    find_upstream: FindUpstream,
     diags: &mut Diagnostics,
 ) -> Option<Route> {
     let name = spec.name.value.clone();
@@ -304,6 +308,10 @@ fn compile_route(
     }
     let method = diags.check(&spec.method.referenced, parse_method(&spec.method.value));
     let params = diags.check(&spec.path.referenced, path_params(&spec.path.value));
+    let scope = TemplateScope {
+        params: params.as_deref(),
+        has_auth,
+    };
 
     let mut headers = Vec::new();
     for (header, value) in &spec.headers {
@@ -326,9 +334,7 @@ fn compile_route(
                 diags.at(&fetch.referenced, "`fetch` must name at least one fetch");
             }
             for (fetch_name, f) in fetch.value {
-                if let Some(f) =
-                    compile_fetch(&fetch_name, f, params.as_deref(), find_upstream, diags)
-                {
+                if let Some(f) = compile_fetch(&fetch_name, f, &scope, find_upstream, diags) {
                     fetches.push(f);
                 }
             }
@@ -350,7 +356,7 @@ fn compile_route(
                 }
             }
             let upstream = find_upstream(diags, &proxy.upstream);
-            let path = compile_template(&proxy.path, params.as_deref(), diags);
+            let path = compile_template(&proxy.path, &scope, diags);
             let fields = compile_fields(
                 proxy.fields,
                 &at,
@@ -406,8 +412,8 @@ fn compile_route(
 fn compile_fetch(
     name: &str,
     spec: Spanned<raw::RawFetch>,
-    params: Option<&[String]>,
-    find_upstream: &dyn Fn(&mut Diagnostics, &Spanned<String>) -> Option<Arc<Upstream>>,
+    scope: &TemplateScope,
+    find_upstream: FindUpstream,
     diags: &mut Diagnostics,
 ) -> Option<Fetch> {
     let at = spec.referenced;
@@ -419,7 +425,7 @@ fn compile_fetch(
         );
     }
     let upstream = find_upstream(diags, &spec.upstream);
-    let path = compile_template(&spec.path, params, diags);
+    let path = compile_template(&spec.path, scope, diags);
     let fields = compile_fields(spec.fields, &at, &format!("fetch `{name}`"), diags);
     let select = spec.select.and_then(|s| {
         diags
@@ -450,20 +456,30 @@ fn compile_fetch(
     })
 }
 
+/// What a route's templates may refer to.
+struct TemplateScope<'a> {
+    /// The route path's parameters; `None` when the path itself is invalid (already reported).
+    params: Option<&'a [String]>,
+    has_auth: bool,
+}
+
 fn compile_template(
     spec: &Spanned<String>,
-    params: Option<&[String]>,
+    scope: &TemplateScope,
     diags: &mut Diagnostics,
 ) -> Option<Template> {
     let template = diags.check(&spec.referenced, Template::parse(&spec.value))?;
     for var in template.vars() {
-        if let (Var::Path(p), Some(params)) = (var, params) {
-            if !params.contains(p) {
-                diags.at(
-                    &spec.referenced,
-                    format!("`{{path.{p}}}` is not a parameter of the route's path"),
-                );
-            }
+        match (var, scope.params) {
+            (Var::Path(p), Some(params)) if !params.contains(p) => diags.at(
+                &spec.referenced,
+                format!("`{{path.{p}}}` is not a parameter of the route's path"),
+            ),
+            (Var::Jwt(claim), _) if !scope.has_auth => diags.at(
+                &spec.referenced,
+                format!("`{{jwt.{claim}}}` needs a verified token, but the policy has no `auth`"),
+            ),
+            _ => {}
         }
     }
     Some(template)
