@@ -11,6 +11,7 @@ use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::compression::ResponseCompressionCtx;
 use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
 use tracing::warn;
 
 use super::edge::TRACE_HEADER;
@@ -24,8 +25,8 @@ use crate::upstream::{self, UpstreamError};
 pub const MAX_REQUEST_BODY: usize = 1 << 20;
 /// Largest (decompressed) upstream body a `proxy` route buffers for projection.
 pub const MAX_UPSTREAM_BODY: usize = 4 << 20;
-/// Used when the upstream has no `timeout`.
-const DEFAULT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Bounds a `proxy` route's upstream exchange when the upstream has no `timeout`.
+const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Client headers an internal service may see. Everything else (cookies, `Authorization`,
 /// identity headers a client could forge) stays at the sidecar.
@@ -82,24 +83,62 @@ async fn call(
     let path = render_path(session, ctx, target)?;
     let body = read_body(session).await?;
     let request = upstream_request(session, ctx, up, &path, body.len())?;
-    let read_timeout = Some(up.timeout.unwrap_or(DEFAULT_READ_TIMEOUT));
-    let peer = upstream::peer(up, read_timeout)
+    let limit = up.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    let peer = upstream::peer(up, Some(limit))
         .await
         .map_err(Failure::Upstream)?;
+    // The upstream's `timeout` bounds the whole exchange, so a trickling body cannot hold the
+    // client beyond it either.
+    let exchanged =
+        tokio::time::timeout(limit, exchange(connector, &peer, up, request, body)).await;
+    let (status, raw) = match exchanged {
+        Ok(Ok(Exchanged::Body(status, raw))) => (status, raw),
+        Ok(Ok(Exchanged::NoContent)) => return Ok(Reply::NoContent),
+        Ok(Err(failure)) => return Err(failure),
+        Err(_) => {
+            return Err(Failure::Upstream(UpstreamError::new(
+                up,
+                ErrorCode::DeadlineExceeded,
+                format!("no complete answer within {limit:?}"),
+            )))
+        }
+    };
+    let projected = target.fields.project_bytes(&raw).map_err(|e| {
+        Failure::Upstream(UpstreamError::new(
+            up,
+            ErrorCode::BadUpstreamResponse,
+            e.to_string(),
+        ))
+    })?;
+    Ok(Reply::Body(status, Bytes::from(projected)))
+}
 
+enum Exchanged {
+    Body(u16, BytesMut),
+    NoContent,
+}
+
+/// Sends the request and reads a 2xx JSON answer whole (decompressed, bounded).
+async fn exchange(
+    connector: &Connector,
+    peer: &HttpPeer,
+    up: &Upstream,
+    request: RequestHeader,
+    body: Bytes,
+) -> Result<Exchanged, Failure> {
     // A pooled connection the upstream closed meanwhile fails on first use; Pingora's own proxy
     // retries such requests once on a fresh connection, and so do we.
+    let fail = |e: Box<pingora::Error>| {
+        Failure::Upstream(UpstreamError::new(
+            up,
+            upstream::code_for(&e),
+            e.to_string(),
+        ))
+    };
     let mut attempt = 0;
     let mut http = loop {
         attempt += 1;
-        let fail = |e: Box<pingora::Error>| {
-            Failure::Upstream(UpstreamError::new(
-                up,
-                upstream::code_for(&e),
-                e.to_string(),
-            ))
-        };
-        let (mut http, reused) = connector.get_http_session(&peer).await.map_err(fail)?;
+        let (mut http, reused) = connector.get_http_session(peer).await.map_err(fail)?;
         match send(&mut http, request.clone(), &body).await {
             Ok(()) => break http,
             Err(_) if reused && attempt == 1 => continue,
@@ -128,9 +167,9 @@ async fn call(
     }
     if status == 204 {
         connector
-            .release_http_session(http, &peer, Some(upstream::IDLE_TIMEOUT))
+            .release_http_session(http, peer, Some(upstream::IDLE_TIMEOUT))
             .await;
-        return Ok(Reply::NoContent);
+        return Ok(Exchanged::NoContent);
     }
     if !is_json(header.headers.get(http::header::CONTENT_TYPE)) {
         return Err(bad("answered with a body that is not JSON".into()));
@@ -140,27 +179,26 @@ async fn call(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_UPSTREAM_BODY) {
-        return Err(bad(format!(
-            "body of {} bytes is over the bound",
-            declared.unwrap_or(0)
-        )));
+    if let Some(n) = declared.filter(|n| *n > MAX_UPSTREAM_BODY) {
+        return Err(bad(format!("body of {n} bytes is over the bound")));
     }
 
+    // Pingora's codec handles every encoding its proxy does (gzip, deflate, br, zstd).
     let mut decompress = ResponseCompressionCtx::new(0, true, false);
-    decompress.response_header_filter(&mut header, false);
+    let decoding = decompress.will_decompress(&header);
+    if decoding {
+        decompress.response_header_filter(&mut header, false);
+    }
     let mut raw = BytesMut::new();
     loop {
-        let chunk = http.read_response_body().await.map_err(|e| {
-            Failure::Upstream(UpstreamError::new(
-                up,
-                upstream::code_for(&e),
-                e.to_string(),
-            ))
-        })?;
+        let chunk = http.read_response_body().await.map_err(fail)?;
         let end = chunk.is_none() || http.response_done();
-        if let Some(data) = decompress.response_body_filter(chunk.as_ref(), end) {
-            raw.extend_from_slice(&data);
+        if decoding {
+            if let Some(data) = decompress.response_body_filter(chunk.as_ref(), end) {
+                raw.extend_from_slice(&data);
+            }
+        } else if let Some(data) = &chunk {
+            raw.extend_from_slice(data);
         }
         if raw.len() > MAX_UPSTREAM_BODY {
             return Err(bad(format!(
@@ -172,14 +210,9 @@ async fn call(
         }
     }
     connector
-        .release_http_session(http, &peer, Some(upstream::IDLE_TIMEOUT))
+        .release_http_session(http, peer, Some(upstream::IDLE_TIMEOUT))
         .await;
-
-    let projected = target
-        .fields
-        .project_bytes(&raw)
-        .map_err(|e| bad(e.to_string()))?;
-    Ok(Reply::Body(status, Bytes::from(projected)))
+    Ok(Exchanged::Body(status, raw))
 }
 
 async fn send(http: &mut HttpSession, request: RequestHeader, body: &Bytes) -> pingora::Result<()> {
