@@ -69,6 +69,7 @@ pub fn run(options: RunOptions, policy: Policy) -> ! {
         PolicyWatch {
             shared: shared.clone(),
             path: options.policy.clone(),
+            listen: options.listen.clone(),
         },
     );
 
@@ -90,6 +91,8 @@ pub fn run(options: RunOptions, policy: Policy) -> ! {
 struct PolicyWatch {
     shared: Arc<Shared>,
     path: PathBuf,
+    /// The data-plane address: the sidecar is not ready before it accepts connections there.
+    listen: String,
 }
 
 impl PolicyWatch {
@@ -120,7 +123,14 @@ impl BackgroundService for PolicyWatch {
         };
         let read = || std::fs::read(&self.path).ok();
         let mut seen = read();
-        // SIGHUP is now handled (its default would kill the process): the sidecar is ready.
+        // SIGHUP is handled now (its default would kill the process); Pingora retries a busy
+        // port instead of failing, so readiness also waits for the listener to accept.
+        while tokio::net::TcpStream::connect(&self.listen).await.is_err() {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
         self.shared.ready.store(true, Ordering::SeqCst);
         let mut poll = tokio::time::interval(POLICY_POLL);
         loop {
