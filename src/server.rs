@@ -34,6 +34,15 @@ pub struct RunOptions {
 
 /// Runs the sidecar until SIGTERM (drain, then exit) or SIGINT (exit at once).
 pub fn run(options: RunOptions, policy: Policy) -> ! {
+    // Pingora retries a busy port for half a minute and then fails inside its runtime, leaving
+    // a process that looks alive; a sidecar should fail at once and say why.
+    for (flag, address) in [("--listen", &options.listen), ("--admin", &options.admin)] {
+        if let Err(e) = std::net::TcpListener::bind(address.as_str()) {
+            error!("cannot listen on {address} ({flag}): {e}");
+            eprintln!("bff: cannot listen on {address} ({flag}): {e}");
+            std::process::exit(1);
+        }
+    }
     let conf = ServerConf {
         threads: options.threads.max(1),
         // Pingora waits this long after SIGTERM before stopping its runtimes; `DrainOnTerm`

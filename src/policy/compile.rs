@@ -53,10 +53,12 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
         );
     }
 
+    let has_auth = raw.auth.is_some();
     let auth = raw
         .auth
         .and_then(|auth| compile_jwt(auth.value.jwt, base_dir, &mut diags));
 
+    let defined: HashSet<String> = raw.upstreams.keys().cloned().collect();
     let mut upstreams = IndexMap::new();
     for (name, spec) in raw.upstreams {
         if !is_identifier(&name) {
@@ -71,7 +73,8 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
     }
     let find_upstream = |diags: &mut Diagnostics, name: &Spanned<String>| {
         let found = upstreams.get(&name.value).cloned();
-        if found.is_none() {
+        // An upstream that is defined but invalid was reported where it is defined.
+        if found.is_none() && !defined.contains(&name.value) {
             diags.at(
                 &name.referenced,
                 format!("upstream `{}` is not defined under `upstreams`", name.value),
@@ -92,7 +95,8 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
                 format!("route name `{}` is used twice", name.value),
             );
         }
-        if let Some(route) = compile_route(spec.value, auth.is_some(), &find_upstream, &mut diags) {
+        // An invalid `auth` was reported already; judging templates by it would only add noise.
+        if let Some(route) = compile_route(spec.value, has_auth, &find_upstream, &mut diags) {
             routes.push(Arc::new(route));
             route_locations.push(location);
         }
@@ -343,14 +347,17 @@ fn compile_route(
         (None, Some(proxy)) => {
             let at = proxy.referenced;
             let proxy = proxy.value;
-            for (key, present) in [
-                ("cache", spec.cache.is_some()),
-                ("deadline", spec.deadline.is_some()),
-                ("on_critical_failure", spec.on_critical_failure.is_some()),
+            for (key, location) in [
+                ("cache", spec.cache.as_ref().map(|c| c.referenced)),
+                ("deadline", spec.deadline.as_ref().map(|d| d.referenced)),
+                (
+                    "on_critical_failure",
+                    spec.on_critical_failure.as_ref().map(|c| c.referenced),
+                ),
             ] {
-                if present {
+                if let Some(location) = location {
                     diags.at(
-                        &at,
+                        &location,
                         format!("route `{name}`: `{key}` applies to `fetch` routes, not to `proxy` routes"),
                     );
                 }
@@ -486,7 +493,7 @@ fn compile_template(
 }
 
 fn compile_fields(
-    fields: Option<Spanned<Vec<String>>>,
+    fields: Option<Spanned<Vec<Spanned<String>>>>,
     owner_at: &Location,
     owner: &str,
     diags: &mut Diagnostics,
@@ -505,10 +512,18 @@ fn compile_fields(
         );
         return None;
     }
-    diags.check(
-        &fields.referenced,
-        FieldMask::compile(&fields.value).map_err(|e| e.to_string()),
-    )
+    let specs: Vec<&str> = fields.value.iter().map(|f| f.value.as_str()).collect();
+    FieldMask::compile(&specs)
+        .map_err(|e| {
+            // Point at the entry at fault, not at the list.
+            let at = fields
+                .value
+                .iter()
+                .find(|f| f.value.trim() == e.field)
+                .map_or(fields.referenced, |f| f.referenced);
+            diags.at(&at, format!("{owner}: {e}"));
+        })
+        .ok()
 }
 
 fn compile_cache(

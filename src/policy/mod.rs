@@ -211,12 +211,7 @@ impl Policy {
                 .location()
                 .map(|l| (l.line(), l.column()))
                 .unwrap_or((1, 1));
-            let message = e.without_snippet().to_string();
-            // The parser appends the location we already print in front.
-            let message = match message.rsplit_once(" at line ") {
-                Some((head, _)) => head.to_string(),
-                None => message,
-            };
+            let message = parser_message(&e.without_snippet().to_string());
             PolicyError {
                 file: path.to_path_buf(),
                 diagnostics: vec![Diagnostic {
@@ -235,4 +230,22 @@ impl Policy {
     pub fn route(&self, index: usize) -> Option<&Arc<Route>> {
         self.routes.get(index)
     }
+}
+
+/// The YAML parser's message without what we print ourselves (the trailing `at line L, column
+/// C`) or what speaks to the programmer rather than the policy's author.
+fn parser_message(message: &str) -> String {
+    let message = match message.rsplit_once(" at line ") {
+        Some((head, tail))
+            if tail
+                .split_once(", column ")
+                .is_some_and(|(l, c)| l.parse::<u64>().is_ok() && c.parse::<u64>().is_ok()) =>
+        {
+            head
+        }
+        _ => message,
+    };
+    message
+        .replace(", set DuplicateKeyPolicy in Options if acceptable", "")
+        .replace("budget breached", "too large or too deeply nested")
 }

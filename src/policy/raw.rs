@@ -120,7 +120,7 @@ pub struct RawFetch {
     #[serde(default)]
     pub critical: bool,
     pub select: Option<Spanned<String>>,
-    pub fields: Option<Spanned<Vec<String>>>,
+    pub fields: Option<Spanned<Vec<Spanned<String>>>>,
     pub fallback: Option<Spanned<serde_json::Value>>,
 }
 
@@ -129,7 +129,7 @@ pub struct RawFetch {
 pub struct RawProxy {
     pub upstream: Spanned<String>,
     pub path: Spanned<String>,
-    pub fields: Option<Spanned<Vec<String>>>,
+    pub fields: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// A duration written the way people write them: `300ms`, `60s`, `10m`.
@@ -139,11 +139,19 @@ pub struct Humane(pub Duration);
 impl<'de> Deserialize<'de> for Humane {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(text.trim())
+        // Only the units a proxy timeout or TTL needs: humantime alone would read `10M` as ten
+        // months and `5 minutes` as five minutes, both easy to write by mistake.
+        let units_ok = text
+            .trim()
+            .split(|c: char| c.is_ascii_digit())
+            .all(|unit| matches!(unit, "" | "ms" | "s" | "m" | "h"));
+        units_ok
+            .then(|| humantime::parse_duration(text.trim()).ok())
+            .flatten()
             .map(Humane)
-            .map_err(|_| {
+            .ok_or_else(|| {
                 serde::de::Error::custom(format!(
-                    "`{text}` is not a duration; write a number and a unit, like 300ms, 60s or 10m"
+                    "`{text}` is not a duration; write a number and a unit (ms, s, m, h), like 300ms, 60s or 10m"
                 ))
             })
     }

@@ -67,6 +67,11 @@ fn extract_step(rest: &[Segment], value: &Value) -> Option<Value> {
 
 /// Scalar, or arrays of plain values. Iterative because leaf values can nest arbitrarily deep.
 fn is_plain(value: &Value) -> bool {
+    match value {
+        Value::Object(_) => return false,
+        Value::Array(_) => {}
+        _ => return true,
+    }
     let mut pending = vec![value];
     while let Some(value) = pending.pop() {
         match value {

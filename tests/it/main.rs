@@ -1,6 +1,8 @@
 //! Integration tests for `bff`: one test binary (`cargo test --test it`) so Pingora links once.
 
+mod check;
 mod harness_selftest;
+mod lifecycle;
 mod passthrough;
 mod proxy_route;
 mod support;
