@@ -2,6 +2,7 @@
 
 mod check;
 mod harness_selftest;
+mod hostile;
 mod lifecycle;
 mod passthrough;
 mod proxy_route;
