@@ -6,8 +6,6 @@ use std::{
     collections::BTreeMap,
     future::Future,
     net::{SocketAddr, TcpListener},
-    path::Path,
-    process::{Child, Command, ExitStatus, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
@@ -279,56 +277,6 @@ fn shape_of(route: &Value) -> String {
     );
     assert_eq!(route["shape"], shape, "shape field vs prefix: {route}");
     shape.to_string()
-}
-
-/// A `bff run` started by hand, for listener addresses the harness cannot choose; killed on Drop.
-struct RawBff {
-    child: Child,
-    log: tempfile::NamedTempFile,
-}
-
-impl RawBff {
-    fn spawn(policy: &Path, listen: SocketAddr, admin: SocketAddr) -> RawBff {
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_bff"))
-            .arg("run")
-            .arg("--policy")
-            .arg(policy)
-            .arg("--listen")
-            .arg(listen.to_string())
-            .arg("--admin")
-            .arg(admin.to_string())
-            .stdin(Stdio::null())
-            .stdout(log.as_file().try_clone().unwrap())
-            .stderr(log.as_file().try_clone().unwrap())
-            .spawn()
-            .expect("spawn bff binary");
-        RawBff { child, log }
-    }
-
-    fn logs(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(self.log.path()).unwrap_or_default()).into_owned()
-    }
-
-    async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-}
-
-impl Drop for RawBff {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn free_addr() -> SocketAddr {
@@ -949,7 +897,6 @@ async fn an_invalid_policy_fails_startup_with_a_diagnostic() {
 }
 
 /// Starts bff with one of its ports held by another socket; it must exit non-zero.
-/// (The harness picks both ports itself, so this spawns the binary by hand.)
 async fn port_in_use(busy_is_admin: bool) {
     let (orders, app) = (orders_mock(Duration::ZERO), app_mock());
     let file = write_policy(&policy(&orders.url(), &app.url(), &["orderId"], "2s"));
@@ -959,7 +906,7 @@ async fn port_in_use(busy_is_admin: bool) {
     } else {
         (busy.local_addr().unwrap(), free_addr())
     };
-    let mut bff = RawBff::spawn(file.path(), listen, admin);
+    let mut bff = Bff::builder(file.path()).ports(listen, admin).spawn();
     // Generous: Pingora itself retries a busy address for up to 30 s before giving up.
     let status = bff.wait_exit(Duration::from_secs(40)).await;
     drop(busy);

@@ -18,9 +18,17 @@ pub struct BffBuilder {
     policy: PathBuf,
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
 }
 
 impl BffBuilder {
+    /// Listen on these addresses instead of free ports (e.g. to test a busy port).
+    pub fn ports(mut self, listen: SocketAddr, admin: SocketAddr) -> Self {
+        (self.listen, self.admin) = (Some(listen), Some(admin));
+        self
+    }
+
     /// Extra CLI argument after the defaults (e.g. `.arg("--threads").arg("1")`).
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.args.push(arg.into());
@@ -43,7 +51,8 @@ impl BffBuilder {
     pub fn spawn(self) -> Bff {
         // Hold both listeners while reading the ports so the two are distinct.
         let (l1, l2) = (free_listener(), free_listener());
-        let (listen, admin) = (l1.local_addr().unwrap(), l2.local_addr().unwrap());
+        let listen = self.listen.unwrap_or_else(|| l1.local_addr().unwrap());
+        let admin = self.admin.unwrap_or_else(|| l2.local_addr().unwrap());
         drop((l1, l2));
 
         let log = NamedTempFile::new().expect("create bff log file");
@@ -89,6 +98,8 @@ impl Bff {
             policy: policy.as_ref().to_owned(),
             args: Vec::new(),
             envs: Vec::new(),
+            listen: None,
+            admin: None,
         }
     }
 
