@@ -58,17 +58,25 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
         .auth
         .and_then(|auth| compile_jwt(auth.value.jwt, base_dir, &mut diags));
 
-    let defined: HashSet<String> = raw.upstreams.keys().cloned().collect();
+    let defined: HashSet<String> = raw
+        .upstreams
+        .0
+        .iter()
+        .map(|(n, _)| n.value.clone())
+        .collect();
     let mut upstreams = IndexMap::new();
-    for (name, spec) in raw.upstreams {
-        if !is_identifier(&name) {
+    for (name, spec) in raw.upstreams.0 {
+        if !is_identifier(&name.value) {
             diags.at(
-                &spec.referenced,
-                format!("upstream name `{name}` must be lower-case letters, digits, `-` or `_`"),
+                &name.referenced,
+                format!(
+                    "upstream name `{}` must be lower-case letters, digits, `-` or `_`",
+                    name.value
+                ),
             );
         }
-        if let Some(upstream) = compile_upstream(&name, spec, base_dir, &mut diags) {
-            upstreams.insert(name, Arc::new(upstream));
+        if let Some(upstream) = compile_upstream(&name.value, spec, base_dir, &mut diags) {
+            upstreams.insert(name.value, Arc::new(upstream));
         }
     }
     let find_upstream = |diags: &mut Diagnostics, name: &Spanned<String>| {
@@ -318,7 +326,8 @@ fn compile_route(
     };
 
     let mut headers = Vec::new();
-    for (header, value) in &spec.headers {
+    for (header, value) in &spec.headers.0 {
+        let header = &header.value;
         let parsed = HeaderName::from_bytes(header.as_bytes())
             .map_err(|_| format!("`{header}` is not a valid header name"))
             .and_then(|n| {
@@ -334,10 +343,10 @@ fn compile_route(
     let action = match (spec.fetch, spec.proxy) {
         (Some(fetch), None) => {
             let mut fetches = Vec::new();
-            if fetch.value.is_empty() {
+            if fetch.value.0.is_empty() {
                 diags.at(&fetch.referenced, "`fetch` must name at least one fetch");
             }
-            for (fetch_name, f) in fetch.value {
+            for (fetch_name, f) in fetch.value.0 {
                 if let Some(f) = compile_fetch(&fetch_name, f, &scope, find_upstream, diags) {
                     fetches.push(f);
                 }
@@ -417,7 +426,7 @@ fn compile_route(
 }
 
 fn compile_fetch(
-    name: &str,
+    name: &Spanned<String>,
     spec: Spanned<raw::RawFetch>,
     scope: &TemplateScope,
     find_upstream: FindUpstream,
@@ -425,9 +434,10 @@ fn compile_fetch(
 ) -> Option<Fetch> {
     let at = spec.referenced;
     let spec = spec.value;
+    let (name_at, name) = (name.referenced, name.value.as_str());
     if !is_section_name(name) {
         diags.at(
-            &at,
+            &name_at,
             format!("fetch name `{name}` must be letters, digits or `_`, starting with a letter"),
         );
     }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use indexmap::IndexMap;
+use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_saphyr::Spanned;
 
@@ -14,7 +14,7 @@ pub struct RawPolicy {
     #[serde(default)]
     pub auth: Option<Spanned<RawAuth>>,
     #[serde(default)]
-    pub upstreams: IndexMap<String, Spanned<RawUpstream>>,
+    pub upstreams: Named<RawUpstream>,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
@@ -77,9 +77,9 @@ pub struct RawRoute {
     pub deadline: Option<Spanned<Humane>>,
     pub cache: Option<Spanned<RawCache>>,
     #[serde(default)]
-    pub headers: IndexMap<String, Spanned<String>>,
+    pub headers: Named<String>,
     pub on_critical_failure: Option<Spanned<RawCriticalFailure>>,
-    pub fetch: Option<Spanned<IndexMap<String, Spanned<RawFetch>>>>,
+    pub fetch: Option<Spanned<Named<RawFetch>>>,
     pub proxy: Option<Spanned<RawProxy>>,
 }
 
@@ -154,5 +154,36 @@ impl<'de> Deserialize<'de> for Humane {
                     "`{text}` is not a duration; write a number and a unit (ms, s, m, h), like 300ms, 60s or 10m"
                 ))
             })
+    }
+}
+
+/// A mapping whose keys are names (upstreams, fetches, headers), kept in file order with the
+/// location of each key, so an error about a name points at the name.
+#[derive(Debug)]
+pub struct Named<V>(pub Vec<(Spanned<String>, Spanned<V>)>);
+
+impl<V> Default for Named<V> {
+    fn default() -> Self {
+        Named(Vec::new())
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Named<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NamedVisitor<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for NamedVisitor<V> {
+            type Value = Named<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a mapping of names")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Named<V>, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Named(entries))
+            }
+        }
+        deserializer.deserialize_map(NamedVisitor(std::marker::PhantomData))
     }
 }

@@ -628,7 +628,6 @@ fn invalid_upstream_name_is_refused() {
 }
 
 #[test]
-#[ignore = "loader bug: a bad upstream name is located at its value (the next line in block style), not at the name"]
 fn invalid_upstream_name_points_at_the_name() {
     let yaml = insert(BASE, 12, "  Billing:\n    url: http://127.0.0.1:9103");
     assert_rejected(&yaml, 13, Some(3), "upstream name `Billing`");
@@ -674,6 +673,18 @@ fn bad_indentation_is_a_located_error() {
 fn duplicate_mapping_key_is_refused() {
     let yaml = insert(BASE, 11, "    url: http://127.0.0.1:9103");
     assert_rejected(&yaml, 12, Some(5), "duplicate mapping key");
+}
+
+#[test]
+fn duplicate_upstream_and_fetch_names_are_refused() {
+    let yaml = insert(BASE, 9, "  users: { url: http://127.0.0.1:9105 }");
+    assert_rejected(&yaml, 10, Some(3), "duplicate mapping key: users");
+    let yaml = insert(
+        BASE,
+        25,
+        "      user: { upstream: users, path: /u, critical: true, fields: [a] }",
+    );
+    assert_rejected(&yaml, 26, Some(7), "duplicate mapping key: user");
 }
 
 #[test]
