@@ -673,27 +673,43 @@ async fn reloads_under_load_drop_no_request() {
 // 6./7. SIGTERM
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_the_request_in_flight_then_exits() {
-    let (orders, app) = (orders_mock(Duration::from_millis(1500)), app_mock());
-    let file = write_policy(&policy(
-        &orders.url(),
-        &app.url(),
-        &["orderId", "status"],
-        "5s",
-    ));
-    let mut bff = Bff::builder(file.path())
+/// Starts bff with `--grace-period grace`, sends one request whose upstream answers after
+/// `delay`, and returns once the upstream holds it. The mocks and policy must outlive the test.
+async fn request_in_flight(
+    delay: Duration,
+    fields: &[&str],
+    upstream_timeout: &str,
+    grace: &str,
+) -> (
+    Bff,
+    tokio::task::JoinHandle<Result<http::Reply, String>>,
+    (MockServer, MockServer, TempPolicy),
+) {
+    let (orders, app) = (orders_mock(delay), app_mock());
+    let file = write_policy(&policy(&orders.url(), &app.url(), fields, upstream_timeout));
+    let bff = Bff::builder(file.path())
         .arg("--grace-period")
-        .arg("30s")
+        .arg(grace)
         .start()
         .await;
-
     let url = bff.url(ORDER);
     let in_flight = tokio::spawn(async move { http::try_send("GET", &url, &[], "").await });
     wait_for(
         "the upstream to receive the request",
         Duration::from_secs(5),
         || async { (!orders.requests().is_empty()).then_some(()) },
+    )
+    .await;
+    (bff, in_flight, (orders, app, file))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_request_in_flight_then_exits() {
+    let (mut bff, in_flight, _mocks) = request_in_flight(
+        Duration::from_millis(1500),
+        &["orderId", "status"],
+        "5s",
+        "30s",
     )
     .await;
 
@@ -753,22 +769,8 @@ async fn sigterm_drains_the_request_in_flight_then_exits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_after_the_grace_period_even_with_a_request_in_flight() {
-    let (orders, app) = (orders_mock(Duration::from_secs(10)), app_mock());
-    let file = write_policy(&policy(&orders.url(), &app.url(), &["orderId"], "30s"));
-    let mut bff = Bff::builder(file.path())
-        .arg("--grace-period")
-        .arg("1s")
-        .start()
-        .await;
-
-    let url = bff.url(ORDER);
-    let in_flight = tokio::spawn(async move { http::try_send("GET", &url, &[], "").await });
-    wait_for(
-        "the upstream to receive the request",
-        Duration::from_secs(5),
-        || async { (!orders.requests().is_empty()).then_some(()) },
-    )
-    .await;
+    let (mut bff, in_flight, _mocks) =
+        request_in_flight(Duration::from_secs(10), &["orderId"], "30s", "1s").await;
     bff.signal("TERM");
     let status = bff.wait_exit(Duration::from_secs(5)).await;
     assert!(
