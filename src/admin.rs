@@ -21,11 +21,14 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
-            "/metrics" => reply(
-                200,
-                "text/plain; version=0.0.4",
-                self.shared.metrics.render(),
-            ),
+            "/metrics" => {
+                let in_flight = self.shared.in_flight.load(Ordering::SeqCst);
+                let metrics = &self.shared.metrics;
+                metrics
+                    .in_flight_requests
+                    .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+                reply(200, "text/plain; version=0.0.4", metrics.render())
+            }
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" if self.shared.ready.load(Ordering::SeqCst) => {
                 reply(200, "text/plain", b"ready\n".to_vec())

@@ -712,6 +712,8 @@ async fn sigterm_drains_the_request_in_flight_then_exits() {
         "30s",
     )
     .await;
+    let samples = scrape(&bff).await;
+    assert_eq!(metric(&samples, "bff_in_flight_requests", &[]), Some(1.0));
 
     let termed = Instant::now();
     bff.signal("TERM");
