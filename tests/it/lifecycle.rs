@@ -418,6 +418,24 @@ async fn shape_hash_follows_the_route_fields() {
 // 2. Reload on file change
 // ---------------------------------------------------------------------------------------------
 
+/// Rewrites the policy to also whitelist `status`, and waits until that policy is served and
+/// counted as the one good reload.
+async fn add_status_and_see_it_served(
+    bff: &Bff,
+    file: &TempPolicy,
+    orders: &MockServer,
+    app: &MockServer,
+) {
+    file.rewrite(&policy(
+        &orders.url(),
+        &app.url(),
+        &["orderId", "status"],
+        "2s",
+    ));
+    wait_for_body(bff, &projection(&["orderId", "status"])).await;
+    assert_eq!(wait_reloads(bff, "ok", 1.0).await, 1.0);
+}
+
 async fn reload_on_file_change(file: TempPolicy, orders: &MockServer, app: &MockServer) {
     let bff = Bff::start(file.path()).await;
     let reply = http::get(&bff.url(ORDER)).await;
@@ -425,14 +443,7 @@ async fn reload_on_file_change(file: TempPolicy, orders: &MockServer, app: &Mock
     assert_eq!(reply.json(), projection(&["orderId"]));
     assert_eq!(reloads(&scrape(&bff).await, "ok"), 0.0);
 
-    file.rewrite(&policy(
-        &orders.url(),
-        &app.url(),
-        &["orderId", "status"],
-        "2s",
-    ));
-    wait_for_body(&bff, &projection(&["orderId", "status"])).await;
-    assert_eq!(wait_reloads(&bff, "ok", 1.0).await, 1.0);
+    add_status_and_see_it_served(&bff, &file, orders, app).await;
     assert_eq!(reloads(&scrape(&bff).await, "invalid"), 0.0);
 }
 
@@ -560,14 +571,7 @@ async fn an_invalid_policy_is_refused_and_the_old_one_keeps_serving() {
     );
 
     // A good policy after the bad one is picked up.
-    file.rewrite(&policy(
-        &orders.url(),
-        &app.url(),
-        &["orderId", "status"],
-        "2s",
-    ));
-    wait_for_body(&bff, &projection(&["orderId", "status"])).await;
-    assert_eq!(wait_reloads(&bff, "ok", 1.0).await, 1.0);
+    add_status_and_see_it_served(&bff, &file, &orders, &app).await;
     assert_eq!(reloads(&scrape(&bff).await, "invalid"), 1.0);
 }
 
