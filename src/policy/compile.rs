@@ -1,7 +1,8 @@
 //! Validation: turns a `RawPolicy` into a `Policy`, collecting every rule violation with the
 //! line and column of the value at fault.
 
-use std::collections::HashSet;
+use std::borrow::Cow;
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,8 @@ use super::raw::{self, RawPolicy};
 use super::secrets;
 use super::template::{Template, Var};
 use super::{
-    Action, CachePolicy, Credential, CriticalFailure, Diagnostic, Fetch, JwtAuth, KeySource,
-    Policy, ProxyTarget, Route, Upstream,
+    Action, BreakerPolicy, CachePolicy, Credential, CriticalFailure, Diagnostic, Fetch, JwtAuth,
+    KeySource, Policy, ProxyTarget, RetryPolicy, Route, Upstream,
 };
 use crate::pipeline::route::RouteTable;
 use crate::projection::{self, FieldMask};
@@ -75,7 +76,8 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
                 ),
             );
         }
-        if let Some(upstream) = compile_upstream(&name.value, spec, base_dir, &mut diags) {
+        if let Some(upstream) = compile_upstream(&name.value, spec, base_dir, has_auth, &mut diags)
+        {
             upstreams.insert(name.value, Arc::new(upstream));
         }
     }
@@ -223,11 +225,83 @@ fn compile_upstream(
     name: &str,
     spec: Spanned<raw::RawUpstream>,
     base_dir: &Path,
+    has_auth: bool,
     diags: &mut Diagnostics,
 ) -> Option<Upstream> {
     let spec = spec.value;
-    let url_at = spec.url.referenced;
-    let text = diags.check(&url_at, secrets::resolve(&spec.url.value, base_dir))?;
+    // Everything else is still checked when the URL is bad, so one run reports it all.
+    let target = compile_url(name, &spec.url, base_dir, diags);
+
+    if let Some(timeout) = &spec.timeout {
+        if timeout.value.0.is_zero() {
+            diags.at(&timeout.referenced, "`timeout` must be longer than zero");
+        }
+    }
+    if let Some(concurrency) = &spec.concurrency {
+        if concurrency.value == 0 {
+            diags.at(
+                &concurrency.referenced,
+                format!("upstream `{name}`: `concurrency` must be at least 1"),
+            );
+        }
+    }
+    let retries = spec.retries.map(|r| compile_retries(name, r, diags));
+    let circuit_breaker = match spec.circuit_breaker {
+        Some(b) => compile_breaker(name, b, diags),
+        None => Some(BreakerPolicy::default()),
+    };
+    let credential = spec.credential.and_then(|c| {
+        let c = c.value;
+        let header = diags.check(
+            &c.header.referenced,
+            HeaderName::from_bytes(c.header.value.as_bytes())
+                .map_err(|_| format!("`{}` is not a valid header name", c.header.value)),
+        )?;
+        let value = diags.check(
+            &c.value.referenced,
+            secrets::resolve(&c.value.value, base_dir),
+        )?;
+        let mut value = diags.check(
+            &c.value.referenced,
+            HeaderValue::from_str(&value)
+                .map_err(|_| "credential value is not a valid header value".to_string()),
+        )?;
+        value.set_sensitive(true);
+        Some(Credential { header, value })
+    });
+    let headers = compile_upstream_headers(
+        name,
+        &spec.headers,
+        credential.as_ref().map(|c| &c.header),
+        has_auth,
+        diags,
+    );
+
+    let (host, port, authority, base_path) = target?;
+    Some(Upstream {
+        name: name.to_string(),
+        host,
+        port,
+        authority,
+        base_path,
+        timeout: spec.timeout.map(|t| t.value.0),
+        concurrency: spec.concurrency.map(|c| c.value),
+        retries,
+        circuit_breaker,
+        headers,
+        credential,
+    })
+}
+
+/// An upstream's `url`: `(host, port, authority, base path)`.
+fn compile_url(
+    name: &str,
+    url: &Spanned<String>,
+    base_dir: &Path,
+    diags: &mut Diagnostics,
+) -> Option<(String, u16, String, String)> {
+    let url_at = url.referenced;
+    let text = diags.check(&url_at, secrets::resolve(&url.value, base_dir))?;
     let uri = diags.check(
         &url_at,
         text.parse::<Uri>()
@@ -268,41 +342,202 @@ fn compile_upstream(
     let authority = uri
         .authority()
         .map_or_else(|| host.clone(), |a| a.as_str().to_string());
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    Some((host, port, authority, base_path))
+}
 
-    if let Some(timeout) = &spec.timeout {
-        if timeout.value.0.is_zero() {
-            diags.at(&timeout.referenced, "`timeout` must be longer than zero");
+fn compile_retries(
+    name: &str,
+    spec: Spanned<raw::RawRetries>,
+    diags: &mut Diagnostics,
+) -> RetryPolicy {
+    let at = spec.referenced;
+    let spec = spec.value;
+    let attempts = match &spec.attempts {
+        Some(attempts) => {
+            if !(1..=5).contains(&attempts.value) {
+                diags.at(
+                    &attempts.referenced,
+                    format!("upstream `{name}`: `retries.attempts` must be 1 to 5 (retries after the first try)"),
+                );
+            }
+            attempts.value
+        }
+        None => {
+            diags.at(
+                &at,
+                format!("upstream `{name}`: `retries` needs `attempts`: how many times to retry after the first try (1 to 5)"),
+            );
+            0
+        }
+    };
+    let budget = spec.budget.as_ref().map_or(0.2, |b| b.value);
+    if let Some(b) = &spec.budget {
+        if !is_fraction(b.value) {
+            diags.at(
+                &b.referenced,
+                format!("upstream `{name}`: `retries.budget` must be a fraction above 0 and at most 1 (0.2 lets retries add a fifth to the calls)"),
+            );
         }
     }
-    let credential = spec.credential.and_then(|c| {
-        let c = c.value;
-        let header = diags.check(
-            &c.header.referenced,
-            HeaderName::from_bytes(c.header.value.as_bytes())
-                .map_err(|_| format!("`{}` is not a valid header name", c.header.value)),
-        )?;
-        let value = diags.check(
-            &c.value.referenced,
-            secrets::resolve(&c.value.value, base_dir),
-        )?;
-        let mut value = diags.check(
-            &c.value.referenced,
-            HeaderValue::from_str(&value)
-                .map_err(|_| "credential value is not a valid header value".to_string()),
-        )?;
-        value.set_sensitive(true);
-        Some(Credential { header, value })
-    });
+    RetryPolicy {
+        attempts,
+        budget: budget as f32,
+        min_per_second: spec.min_per_second.unwrap_or(10),
+    }
+}
 
-    Some(Upstream {
-        name: name.to_string(),
-        host,
-        port,
-        authority,
-        base_path: uri.path().trim_end_matches('/').to_string(),
-        timeout: spec.timeout.map(|t| t.value.0),
-        credential,
+/// `None` when the policy turns the breaker off.
+fn compile_breaker(
+    name: &str,
+    spec: Spanned<raw::RawBreaker>,
+    diags: &mut Diagnostics,
+) -> Option<BreakerPolicy> {
+    let spec = spec.value;
+    let default = BreakerPolicy::default();
+    // The values are checked even when the breaker is off, so turning it back on cannot fail.
+    let mut count = |value: &Option<Spanned<u32>>, key: &str, default: u32| match value {
+        Some(v) if v.value == 0 => {
+            diags.at(
+                &v.referenced,
+                format!("upstream `{name}`: `circuit_breaker.{key}` must be at least 1"),
+            );
+            default
+        }
+        Some(v) => v.value,
+        None => default,
+    };
+    let consecutive_failures = count(
+        &spec.consecutive_failures,
+        "consecutive_failures",
+        default.consecutive_failures,
+    );
+    let min_requests = count(&spec.min_requests, "min_requests", default.min_requests);
+    let failure_ratio = match &spec.failure_ratio {
+        Some(r) if !is_fraction(r.value) => {
+            diags.at(
+                &r.referenced,
+                format!("upstream `{name}`: `circuit_breaker.failure_ratio` must be a fraction above 0 and at most 1 (0.5 opens when half the calls fail)"),
+            );
+            default.failure_ratio
+        }
+        Some(r) => r.value,
+        None => default.failure_ratio,
+    };
+    let mut duration =
+        |value: &Option<Spanned<raw::Humane>>, key: &str, default: Duration| match value {
+            Some(d) if d.value.0.is_zero() => {
+                diags.at(
+                    &d.referenced,
+                    format!("upstream `{name}`: `circuit_breaker.{key}` must be longer than zero"),
+                );
+                default
+            }
+            Some(d) => d.value.0,
+            None => default,
+        };
+    let window = duration(&spec.window, "window", default.window);
+    let open_for = duration(&spec.open_for, "open_for", default.open_for);
+    spec.enabled.unwrap_or(true).then_some(BreakerPolicy {
+        consecutive_failures,
+        failure_ratio,
+        min_requests,
+        window,
+        open_for,
     })
+}
+
+fn is_fraction(value: f64) -> bool {
+    value > 0.0 && value <= 1.0
+}
+
+/// Request headers the sidecar sets itself, with the reason an upstream's `headers` may not.
+fn reserved_header(header: &HeaderName) -> Option<&'static str> {
+    match header.as_str() {
+        "host" | "x-bff-client" | "x-trace-id" | "traceparent" => {
+            Some("the sidecar sets it itself")
+        }
+        "content-length" | "transfer-encoding" | "connection" | "keep-alive"
+        | "proxy-connection" | "te" | "trailer" | "upgrade" => {
+            Some("it governs the connection or the body's framing, which the sidecar manages")
+        }
+        _ => None,
+    }
+}
+
+/// An upstream's `headers`: templates that may only use `{jwt.*}`, since every route that
+/// calls the upstream sends them.
+fn compile_upstream_headers(
+    name: &str,
+    spec: &raw::Named<String>,
+    credential: Option<&HeaderName>,
+    has_auth: bool,
+    diags: &mut Diagnostics,
+) -> Vec<(HeaderName, Template)> {
+    let mut headers: Vec<(HeaderName, Template)> = Vec::new();
+    for (header, value) in &spec.0 {
+        let what = format!("upstream `{name}`: header `{}`", header.value);
+        let Some(parsed) = diags.check(
+            &header.referenced,
+            HeaderName::from_bytes(header.value.as_bytes())
+                .map_err(|_| format!("{what}: not a valid header name")),
+        ) else {
+            continue;
+        };
+        if let Some(reason) = reserved_header(&parsed) {
+            diags.at(
+                &header.referenced,
+                format!("{what} cannot be set: {reason}"),
+            );
+            continue;
+        }
+        if credential == Some(&parsed) {
+            diags.at(
+                &header.referenced,
+                format!("{what} is the upstream's `credential` header; set it there"),
+            );
+            continue;
+        }
+        if headers.iter().any(|(h, _)| *h == parsed) {
+            diags.at(
+                &header.referenced,
+                format!("{what} is given twice (header names ignore case)"),
+            );
+            continue;
+        }
+        let at = value.referenced;
+        let Some(template) = diags.check(
+            &at,
+            Template::parse_header(&value.value).map_err(|e| format!("{what}: {e}")),
+        ) else {
+            continue;
+        };
+        // Every variable stands for a valid value, so only the literal text can spoil it.
+        let literal_ok = template
+            .render(|_| Some(Cow::Borrowed("x")))
+            .is_ok_and(|sample| HeaderValue::from_str(&sample).is_ok());
+        if !literal_ok {
+            diags.at(
+                &at,
+                format!("{what}: the value is not a valid header value (no control characters such as newlines)"),
+            );
+        }
+        for var in template.vars() {
+            match var {
+                Var::Jwt(claim) if !has_auth => diags.at(
+                    &at,
+                    format!("{what}: `{{jwt.{claim}}}` needs a verified token, but the policy has no `auth`"),
+                ),
+                Var::Jwt(_) => {}
+                other => diags.at(
+                    &at,
+                    format!("{what}: `{{{other}}}` cannot be used here: an upstream's headers are sent by every route that calls it, so they may only use `{{jwt.*}}`"),
+                ),
+            }
+        }
+        headers.push((parsed, template));
+    }
+    headers
 }
 
 fn compile_route(
@@ -323,6 +558,7 @@ fn compile_route(
     let scope = TemplateScope {
         params: params.as_deref(),
         has_auth,
+        fetch_vars: spec.fetch.is_some(),
     };
 
     let mut headers = Vec::new();
@@ -340,14 +576,28 @@ fn compile_route(
         }
     }
 
+    // Fetches whose answers are personal, with the reason, for a shared cache to refuse.
+    let mut personal = Vec::new();
     let action = match (spec.fetch, spec.proxy) {
         (Some(fetch), None) => {
-            let mut fetches = Vec::new();
             if fetch.value.0.is_empty() {
                 diags.at(&fetch.referenced, "`fetch` must name at least one fetch");
             }
+            let mut nodes = Vec::new();
+            let mut compiled = Vec::new();
             for (fetch_name, f) in fetch.value.0 {
-                if let Some(f) = compile_fetch(&fetch_name, f, &scope, find_upstream, diags) {
+                let (node, f) = compile_fetch(&fetch_name, f, &scope, find_upstream, diags);
+                nodes.push(node);
+                compiled.push(f);
+            }
+            let links = link_fetches(&name, &nodes, diags);
+            personal = personal_fetches(&nodes, &links);
+            let mut fetches = Vec::new();
+            for (f, link) in compiled.into_iter().zip(links) {
+                // A fetch that did not compile was reported; the route is refused anyway.
+                if let Some(mut f) = f {
+                    f.parents = link.parents;
+                    f.wave = link.wave;
                     fetches.push(f);
                 }
             }
@@ -394,7 +644,7 @@ fn compile_route(
         }
     };
 
-    let cache = spec.cache.map(|c| compile_cache(c, &action, diags));
+    let cache = spec.cache.map(|c| compile_cache(c, &personal, diags));
     let on_critical_failure = spec
         .on_critical_failure
         .map(|c| compile_critical_failure(c, diags))
@@ -425,13 +675,15 @@ fn compile_route(
     })
 }
 
+/// The fetch, and what the route's dependency checks need to know of it even when something
+/// else in it is wrong.
 fn compile_fetch(
     name: &Spanned<String>,
     spec: Spanned<raw::RawFetch>,
     scope: &TemplateScope,
     find_upstream: FindUpstream,
     diags: &mut Diagnostics,
-) -> Option<Fetch> {
+) -> (FetchNode, Option<Fetch>) {
     let at = spec.referenced;
     let spec = spec.value;
     let (name_at, name) = (name.referenced, name.value.as_str());
@@ -462,15 +714,226 @@ fn compile_fetch(
         ),
         _ => {}
     }
-    Some(Fetch {
+    let node = FetchNode {
         name: name.to_string(),
-        upstream: upstream?,
-        path: path?,
+        path_at: spec.path.referenced,
         critical: spec.critical,
-        select,
-        fields: fields?,
-        fallback: spec.fallback.map(|f| f.value),
-    })
+        path: path.clone(),
+        upstream: upstream.clone(),
+    };
+    let fetch = match (upstream, path, fields) {
+        (Some(upstream), Some(path), Some(fields)) => Some(Fetch {
+            name: name.to_string(),
+            upstream,
+            path,
+            critical: spec.critical,
+            select,
+            fields,
+            fallback: spec.fallback.map(|f| f.value),
+            // Filled in by `link_fetches`, once every fetch of the route is known.
+            parents: Vec::new(),
+            wave: 0,
+        }),
+        _ => None,
+    };
+    (node, fetch)
+}
+
+/// What the dependency checks need to know of one fetch, valid or not.
+struct FetchNode {
+    name: String,
+    path_at: Location,
+    critical: bool,
+    path: Option<Template>,
+    upstream: Option<Arc<Upstream>>,
+}
+
+/// Where a fetch stands among the route's fetches.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Link {
+    /// Indexes of the fetches its path uses, in file order, once each.
+    parents: Vec<usize>,
+    wave: usize,
+    /// False for a fetch that is in a cycle or waits on one (reported).
+    ordered: bool,
+}
+
+/// Resolves `{fetch.NAME.FIELD}` between the fetches of route `route`, giving each fetch its
+/// parents and wave; reports unknown names, self-references, cycles, and critical fetches that
+/// wait on optional ones.
+fn link_fetches(route: &str, nodes: &[FetchNode], diags: &mut Diagnostics) -> Vec<Link> {
+    let index_of = |name: &str| nodes.iter().position(|n| n.name == name);
+    let mut links = vec![Link::default(); nodes.len()];
+    for (i, node) in nodes.iter().enumerate() {
+        let Some(path) = &node.path else { continue };
+        let mut reported = HashSet::new();
+        for var in path.vars() {
+            let Var::Fetch { fetch, .. } = var else {
+                continue;
+            };
+            match index_of(fetch) {
+                Some(j) if j == i => {
+                    if reported.insert(fetch) {
+                        diags.at(
+                            &node.path_at,
+                            format!(
+                                "fetch `{}` uses `{{{var}}}`: a fetch cannot wait for its own answer",
+                                node.name
+                            ),
+                        );
+                    }
+                }
+                Some(j) => links[i].parents.push(j),
+                None => {
+                    if reported.insert(fetch) {
+                        let known: Vec<String> =
+                            nodes.iter().map(|n| format!("`{}`", n.name)).collect();
+                        diags.at(
+                            &node.path_at,
+                            format!(
+                                "fetch `{}` uses `{{{var}}}`, but route `{route}` has no fetch `{fetch}` (its fetches: {})",
+                                node.name,
+                                known.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        links[i].parents.sort_unstable();
+        links[i].parents.dedup();
+        for &j in &links[i].parents {
+            if node.critical && !nodes[j].critical {
+                diags.at(
+                    &node.path_at,
+                    format!(
+                        "critical fetch `{}` uses the answer of optional fetch `{}`: when `{}` fails, `{}` cannot run; make `{}` critical or `{}` optional",
+                        node.name, nodes[j].name, nodes[j].name, node.name, nodes[j].name, node.name
+                    ),
+                );
+            }
+        }
+    }
+
+    // Waves, in topological order (Kahn): a fetch is ready once all its parents are.
+    let mut waiting: Vec<usize> = links.iter().map(|l| l.parents.len()).collect();
+    let mut children = vec![Vec::new(); nodes.len()];
+    for (i, link) in links.iter().enumerate() {
+        for &j in &link.parents {
+            children[j].push(i);
+        }
+    }
+    let mut ready: VecDeque<usize> = (0..nodes.len()).filter(|&i| waiting[i] == 0).collect();
+    while let Some(i) = ready.pop_front() {
+        links[i].ordered = true;
+        links[i].wave = links[i]
+            .parents
+            .iter()
+            .map(|&j| links[j].wave + 1)
+            .max()
+            .unwrap_or(0);
+        for &child in &children[i] {
+            waiting[child] -= 1;
+            if waiting[child] == 0 {
+                ready.push_back(child);
+            }
+        }
+    }
+
+    // Every fetch left has a parent left, so following those parents must come round: report
+    // each circle once, starting from its first fetch in the file.
+    let mut walked = vec![false; nodes.len()];
+    for start in 0..nodes.len() {
+        if links[start].ordered || walked[start] {
+            continue;
+        }
+        let mut trail = vec![start];
+        walked[start] = true;
+        let parents_left = |i: usize| {
+            links[i]
+                .parents
+                .iter()
+                .copied()
+                .find(|&j| !links[j].ordered)
+        };
+        let closed_at = loop {
+            match parents_left(trail[trail.len() - 1]) {
+                Some(j) if walked[j] => break trail.iter().position(|&i| i == j),
+                Some(j) => {
+                    walked[j] = true;
+                    trail.push(j);
+                }
+                None => break None,
+            }
+        };
+        // `None`: ran into a circle reported already.
+        let Some(from) = closed_at else { continue };
+        let mut circle = trail[from..].to_vec();
+        let first = (0..circle.len())
+            .min_by_key(|&k| circle[k])
+            .unwrap_or_default();
+        circle.rotate_left(first);
+        let names: Vec<String> = circle
+            .iter()
+            .chain(circle.first())
+            .map(|&i| format!("`{}`", nodes[i].name))
+            .collect();
+        diags.at(
+            &nodes[circle[0]].path_at,
+            format!(
+                "route `{route}`: fetches {} form a cycle (each uses the next one's answer), so none of them can start",
+                names.join(" → ")
+            ),
+        );
+    }
+    links
+}
+
+/// The fetches whose answer depends on who asks, each with the reason: a `{jwt.*}` in its path
+/// or in its upstream's headers, or a parent that is personal.
+fn personal_fetches(nodes: &[FetchNode], links: &[Link]) -> Vec<(String, String)> {
+    let direct = |node: &FetchNode| -> Option<String> {
+        let jwt = |t: &Template| t.vars().find(|v| matches!(v, Var::Jwt(_))).cloned();
+        if let Some(var) = node.path.as_ref().and_then(jwt) {
+            return Some(format!("uses `{{{var}}}`"));
+        }
+        let upstream = node.upstream.as_ref()?;
+        upstream.headers.iter().find_map(|(header, value)| {
+            jwt(value).map(|var| {
+                format!(
+                    "calls upstream `{}`, whose header `{header}` uses `{{{var}}}`",
+                    upstream.name
+                )
+            })
+        })
+    };
+    let reasons: Vec<Option<String>> = nodes.iter().map(direct).collect();
+    // The personal fetch each fetch's answer comes from (itself first), in dependency order.
+    let mut root: Vec<Option<usize>> = reasons
+        .iter()
+        .enumerate()
+        .map(|(i, r)| r.as_ref().map(|_| i))
+        .collect();
+    let mut order: Vec<usize> = (0..nodes.len()).filter(|&i| links[i].ordered).collect();
+    order.sort_by_key(|&i| links[i].wave);
+    for i in order {
+        if root[i].is_none() {
+            root[i] = links[i].parents.iter().find_map(|&j| root[j]);
+        }
+    }
+    root.iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let r = (*r)?;
+            let reason = reasons[r].clone()?;
+            let reason = if r == i {
+                reason
+            } else {
+                format!("depends on fetch `{}`, which {reason}", nodes[r].name)
+            };
+            Some((nodes[i].name.clone(), reason))
+        })
+        .collect()
 }
 
 /// What a route's templates may refer to.
@@ -478,6 +941,8 @@ struct TemplateScope<'a> {
     /// The route path's parameters; `None` when the path itself is invalid (already reported).
     params: Option<&'a [String]>,
     has_auth: bool,
+    /// `{fetch.*}` is for the fetches of a `fetch` route; `link_fetches` checks the names.
+    fetch_vars: bool,
 }
 
 fn compile_template(
@@ -495,6 +960,10 @@ fn compile_template(
             (Var::Jwt(claim), _) if !scope.has_auth => diags.at(
                 &spec.referenced,
                 format!("`{{jwt.{claim}}}` needs a verified token, but the policy has no `auth`"),
+            ),
+            (Var::Fetch { .. }, _) if !scope.fetch_vars => diags.at(
+                &spec.referenced,
+                format!("`{{{var}}}` takes a value from another fetch's answer, so only the fetches of a `fetch` route can use it, not a `proxy` route"),
             ),
             _ => {}
         }
@@ -536,9 +1005,10 @@ fn compile_fields(
         .ok()
 }
 
+/// `personal`: the route's fetches whose answer depends on who asks, with the reason.
 fn compile_cache(
     spec: Spanned<raw::RawCache>,
-    action: &Action,
+    personal: &[(String, String)],
     diags: &mut Diagnostics,
 ) -> Option<CachePolicy> {
     let at = spec.referenced;
@@ -556,18 +1026,13 @@ fn compile_cache(
         }
     }
     if spec.scope == raw::CacheScope::Shared {
-        if let Action::Fetch(fetches) = action {
-            for fetch in fetches {
-                if let Some(var) = fetch.path.vars().find(|v| matches!(v, Var::Jwt(_))) {
-                    diags.at(
-                        &at,
-                        format!(
-                            "`scope: shared` caches one answer for everyone, but fetch `{}` uses `{{{var}}}`: personalised data must use `scope: user`",
-                            fetch.name
-                        ),
-                    );
-                }
-            }
+        for (fetch, reason) in personal {
+            diags.at(
+                &at,
+                format!(
+                    "`scope: shared` caches one answer for everyone, but fetch `{fetch}` {reason}: personalised data must use `scope: user`"
+                ),
+            );
         }
     }
     Some(CachePolicy {
@@ -693,4 +1158,121 @@ fn shape_hash(action: &Action) -> String {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
     format!("{:08x}", hash >> 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Action, Policy};
+    use std::path::Path;
+
+    const HEAD: &str = "client: t
+upstreams:
+  svc:
+    url: http://127.0.0.1:9
+routes:
+  - name: r
+    method: GET
+    path: /r
+    fetch:
+";
+
+    /// `(name, parents, wave)` of each fetch of the one route of a policy with these fetches.
+    fn links(fetches: &str) -> Vec<(String, Vec<usize>, usize)> {
+        let policy = Policy::from_yaml(&format!("{HEAD}{fetches}"), Path::new("t.yaml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Action::Fetch(fetches) = &policy.routes[0].action else {
+            panic!("a fetch route")
+        };
+        fetches
+            .iter()
+            .map(|f| (f.name.clone(), f.parents.clone(), f.wave))
+            .collect()
+    }
+
+    fn fetch(name: &str, path: &str) -> String {
+        format!(
+            "      {name}: {{ upstream: svc, path: \"{path}\", critical: true, fields: [a] }}\n"
+        )
+    }
+
+    #[test]
+    fn a_chain_runs_in_successive_waves_in_file_order() {
+        // Written child first: the list keeps file order, indexes point into it.
+        let got = links(
+            &[
+                fetch("c", "/c/{fetch.b.id}"),
+                fetch("b", "/b/{fetch.a.id}"),
+                fetch("a", "/a"),
+            ]
+            .concat(),
+        );
+        assert_eq!(
+            got,
+            [
+                ("c".to_string(), vec![1], 2),
+                ("b".to_string(), vec![2], 1),
+                ("a".to_string(), vec![], 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn parents_are_sorted_and_unique_and_the_wave_follows_the_latest() {
+        let got = links(
+            &[
+                fetch("a", "/a"),
+                fetch("b", "/b/{fetch.a.id}"),
+                fetch("c", "/c"),
+                fetch(
+                    "d",
+                    "/d/{fetch.c.x}/{fetch.b.y}?again={fetch.c.z}&a={fetch.a.w}",
+                ),
+            ]
+            .concat(),
+        );
+        let waves: Vec<_> = got.iter().map(|(_, _, w)| *w).collect();
+        assert_eq!(waves, [0, 1, 0, 2]);
+        assert_eq!(got[3].1, [0, 1, 2]);
+    }
+
+    #[test]
+    fn the_breaker_is_on_by_default_and_off_when_disabled() {
+        let yaml = |options: &str| {
+            format!("{HEAD}{}", fetch("a", "/a")).replace(
+                "    url: http://127.0.0.1:9\n",
+                &format!("    url: http://127.0.0.1:9\n{options}"),
+            )
+        };
+        let load = |options: &str| Policy::from_yaml(&yaml(options), Path::new("t.yaml")).unwrap();
+        let default = load("");
+        let svc = &default.upstreams["svc"];
+        assert_eq!(svc.circuit_breaker, Some(super::BreakerPolicy::default()));
+        assert_eq!((svc.concurrency, &svc.retries), (None, &None));
+        assert!(svc.headers.is_empty());
+
+        let off = load("    circuit_breaker: { enabled: false, window: 1m }\n");
+        assert_eq!(off.upstreams["svc"].circuit_breaker, None);
+
+        let tuned = load(
+            "    concurrency: 4\n    retries: { attempts: 3 }\n    circuit_breaker: { failure_ratio: 0.9, open_for: 1s }\n",
+        );
+        let svc = &tuned.upstreams["svc"];
+        assert_eq!(svc.concurrency, Some(4));
+        assert_eq!(
+            svc.retries,
+            Some(super::RetryPolicy {
+                attempts: 3,
+                budget: 0.2,
+                min_per_second: 10
+            })
+        );
+        assert_eq!(
+            svc.circuit_breaker,
+            Some(super::BreakerPolicy {
+                failure_ratio: 0.9,
+                open_for: std::time::Duration::from_secs(1),
+                ..super::BreakerPolicy::default()
+            })
+        );
+    }
 }

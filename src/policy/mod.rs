@@ -31,7 +31,7 @@ pub struct Policy {
     pub fallthrough: Option<Arc<Upstream>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct JwtAuth {
     pub issuer: String,
     pub audience: String,
@@ -40,7 +40,7 @@ pub struct JwtAuth {
     pub leeway: Duration,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum KeySource {
     JwksUrl(String),
     JwksFile(PathBuf),
@@ -58,7 +58,60 @@ pub struct Upstream {
     /// Prefix of every path sent to this upstream, without a trailing `/` (often empty).
     pub base_path: String,
     pub timeout: Option<Duration>,
+    /// Most calls in flight at once; callers beyond it wait (inside their timeout).
+    pub concurrency: Option<usize>,
+    pub retries: Option<RetryPolicy>,
+    /// `None` when the policy turns the breaker off.
+    pub circuit_breaker: Option<BreakerPolicy>,
+    /// Extra request headers; their templates may only use `{jwt.*}`.
+    pub headers: Vec<(HeaderName, Template)>,
     pub credential: Option<Credential>,
+}
+
+impl Upstream {
+    /// Bounds one call (all its retries included) when the policy gives no `timeout`.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    pub fn call_timeout(&self) -> Duration {
+        self.timeout.unwrap_or(Self::DEFAULT_TIMEOUT)
+    }
+}
+
+/// Retries of idempotent calls that failed to connect or got 502/503/504.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// Retries may add at most this fraction of the calls made...
+    pub budget: f32,
+    /// ...plus this many per second, so a quiet upstream can still be retried.
+    pub min_per_second: u32,
+}
+
+/// When an upstream's circuit opens, and for how long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerPolicy {
+    /// Opens after this many failures in a row...
+    pub consecutive_failures: u32,
+    /// ...or when this fraction of the calls in `window` failed...
+    pub failure_ratio: f64,
+    /// ...once the window holds at least this many calls.
+    pub min_requests: u32,
+    pub window: Duration,
+    /// How long it stays open before one probe call may test the upstream.
+    pub open_for: Duration,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            consecutive_failures: 5,
+            failure_ratio: 0.5,
+            min_requests: 20,
+            window: Duration::from_secs(10),
+            open_for: Duration::from_secs(5),
+        }
+    }
 }
 
 /// The machine credential added to every request to an upstream.
@@ -114,6 +167,11 @@ pub struct Fetch {
     pub select: Option<String>,
     pub fields: FieldMask,
     pub fallback: Option<serde_json::Value>,
+    /// Indexes, in the route's fetch list, of the fetches whose results `path` uses
+    /// (`{fetch.NAME.FIELD}`).
+    pub parents: Vec<usize>,
+    /// 0 for fetches without parents; otherwise one more than the latest parent's wave.
+    pub wave: usize,
 }
 
 #[derive(Debug)]

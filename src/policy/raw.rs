@@ -57,7 +57,34 @@ pub enum Algorithm {
 pub struct RawUpstream {
     pub url: Spanned<String>,
     pub timeout: Option<Spanned<Humane>>,
+    pub concurrency: Option<Spanned<usize>>,
+    pub retries: Option<Spanned<RawRetries>>,
+    pub circuit_breaker: Option<Spanned<RawBreaker>>,
+    #[serde(default)]
+    pub headers: Named<String>,
     pub credential: Option<Spanned<RawCredential>>,
+}
+
+/// `retries: { attempts: 2, budget: 0.2, min_per_second: 10 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetries {
+    /// Required; optional here so that its absence is reported with the upstream's name.
+    pub attempts: Option<Spanned<u32>>,
+    pub budget: Option<Spanned<f64>>,
+    pub min_per_second: Option<u32>,
+}
+
+/// `circuit_breaker: { enabled: true, consecutive_failures: 5, … }`; every key is optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub enabled: Option<bool>,
+    pub consecutive_failures: Option<Spanned<u32>>,
+    pub failure_ratio: Option<Spanned<f64>>,
+    pub min_requests: Option<Spanned<u32>>,
+    pub window: Option<Spanned<Humane>>,
+    pub open_for: Option<Spanned<Humane>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,5 +1,6 @@
-//! Path templates of fetches and proxy routes: `{jwt.sub}`, `{path.id}`, `{query.q}`, each value
-//! percent-encoded as exactly one path segment or query value when rendered.
+//! Templates of upstream paths and headers: `{jwt.sub}`, `{path.id}`, `{query.q}`,
+//! `{fetch.user.tier}`. In a path each value is percent-encoded as exactly one path segment or
+//! query value; in a header it is taken as it is and must make a valid header value.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -20,6 +21,11 @@ pub enum Var {
     Jwt(String),
     Path(String),
     Query(String),
+    /// A value from another fetch's answer (after its `select`): `{fetch.NAME.a.b}`.
+    Fetch {
+        fetch: String,
+        field: String,
+    },
 }
 
 impl fmt::Display for Var {
@@ -28,6 +34,7 @@ impl fmt::Display for Var {
             Var::Jwt(n) => write!(f, "jwt.{n}"),
             Var::Path(n) => write!(f, "path.{n}"),
             Var::Query(n) => write!(f, "query.{n}"),
+            Var::Fetch { fetch, field } => write!(f, "fetch.{fetch}.{field}"),
         }
     }
 }
@@ -38,11 +45,13 @@ enum Part {
     Var(Var),
 }
 
-/// A parsed upstream path such as `/users/{jwt.sub}/orders?limit=3`.
+/// A parsed upstream path such as `/users/{jwt.sub}/orders?limit=3`, or a header value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     raw: String,
     parts: Vec<Part>,
+    /// Header values are substituted as they are; path values are percent-encoded.
+    header: bool,
 }
 
 /// Why a template could not be rendered for one request.
@@ -56,6 +65,7 @@ pub enum RenderError {
 }
 
 impl Template {
+    /// Parses an upstream path.
     pub fn parse(raw: &str) -> Result<Template, String> {
         if !raw.starts_with('/') {
             return Err(format!("path `{raw}` must start with `/`"));
@@ -63,11 +73,23 @@ impl Template {
         if raw.contains('#') {
             return Err(format!("path `{raw}` must not contain a fragment (`#`)"));
         }
+        Self::parse_parts(raw, false)
+    }
+
+    /// Parses a header value such as `{jwt.sub}` or `tenant={jwt.tid}`.
+    pub fn parse_header(raw: &str) -> Result<Template, String> {
+        Self::parse_parts(raw, true)
+    }
+
+    fn parse_parts(raw: &str, header: bool) -> Result<Template, String> {
         let mut parts = Vec::new();
         let mut rest = raw;
         while let Some(open) = rest.find(['{', '}']) {
             if rest.as_bytes()[open] == b'}' {
-                return Err(format!("path `{raw}` has a `}}` without its `{{`"));
+                return Err(format!(
+                    "{} `{raw}` has a `}}` without its `{{`",
+                    kind(header)
+                ));
             }
             if open > 0 {
                 parts.push(Part::Literal(rest[..open].to_string()));
@@ -75,7 +97,7 @@ impl Template {
             let after = &rest[open + 1..];
             let close = after
                 .find('}')
-                .ok_or_else(|| format!("path `{raw}` has a `{{` without its `}}`"))?;
+                .ok_or_else(|| format!("{} `{raw}` has a `{{` without its `}}`", kind(header)))?;
             parts.push(Part::Var(parse_var(&after[..close])?));
             rest = &after[close + 1..];
         }
@@ -85,6 +107,7 @@ impl Template {
         Ok(Template {
             raw: raw.to_string(),
             parts,
+            header,
         })
     }
 
@@ -99,7 +122,7 @@ impl Template {
         })
     }
 
-    /// Renders the template, percent-encoding every substituted value.
+    /// Renders the template; in a path every substituted value is percent-encoded.
     pub fn render<'a>(
         &self,
         lookup: impl Fn(&Var) -> Option<Cow<'a, str>>,
@@ -114,6 +137,10 @@ impl Template {
                 }
                 Part::Var(var) => {
                     let value = lookup(var).ok_or_else(|| RenderError::Missing(var.clone()))?;
+                    if self.header {
+                        out.push_str(&value);
+                        continue;
+                    }
                     if !in_query && matches!(&*value, "" | "." | "..") {
                         return Err(RenderError::NotASegment(var.clone()));
                     }
@@ -125,15 +152,39 @@ impl Template {
     }
 }
 
+fn kind(header: bool) -> &'static str {
+    if header {
+        "value"
+    } else {
+        "path"
+    }
+}
+
+const SOURCES: &str = "use {jwt.CLAIM}, {path.NAME}, {query.NAME} or {fetch.NAME.FIELD}";
+
 fn parse_var(text: &str) -> Result<Var, String> {
     let (namespace, name) = text
         .split_once('.')
-        .ok_or_else(|| format!("`{{{text}}}` is not a template variable; use {{jwt.CLAIM}}, {{path.NAME}} or {{query.NAME}}"))?;
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
+        .ok_or_else(|| format!("`{{{text}}}` is not a template variable; {SOURCES}"))?;
+    let valid = |name: &str| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    if namespace == "fetch" {
+        // `fetch.NAME.a.b`: a fetch's name, then a dotted path into its answer.
+        return match name.split_once('.') {
+            Some((fetch, field)) if valid(fetch) && field.split('.').all(valid) => Ok(Var::Fetch {
+                fetch: fetch.to_string(),
+                field: field.to_string(),
+            }),
+            _ => Err(format!(
+                "`{{{text}}}`: write `{{fetch.NAME.FIELD}}`, where FIELD may be a dotted path"
+            )),
+        };
+    }
+    if !valid(name) {
         return Err(format!(
             "`{{{text}}}`: `{name}` is not a valid variable name"
         ));
@@ -143,9 +194,7 @@ fn parse_var(text: &str) -> Result<Var, String> {
         "jwt" => Ok(Var::Jwt(name)),
         "path" => Ok(Var::Path(name)),
         "query" => Ok(Var::Query(name)),
-        other => Err(format!(
-            "`{{{text}}}`: unknown source `{other}`; use {{jwt.CLAIM}}, {{path.NAME}} or {{query.NAME}}"
-        )),
+        other => Err(format!("`{{{text}}}`: unknown source `{other}`; {SOURCES}")),
     }
 }
 
@@ -197,6 +246,30 @@ mod tests {
         assert_eq!(
             t.render(|_| None).unwrap_err().to_string(),
             "no value for `{path.id}`"
+        );
+    }
+
+    #[test]
+    fn fetch_variables_name_a_fetch_and_a_path() {
+        let t = Template::parse("/tiers/{fetch.user.loyalty.tier}").unwrap();
+        assert_eq!(
+            t.vars().collect::<Vec<_>>(),
+            [&Var::Fetch {
+                fetch: "user".into(),
+                field: "loyalty.tier".into()
+            }]
+        );
+        for bad in ["/t/{fetch.user}", "/t/{fetch.user.}", "/t/{fetch.user..a}"] {
+            assert!(Template::parse(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn header_values_are_not_encoded() {
+        let t = Template::parse_header("user {jwt.sub}").unwrap();
+        assert_eq!(
+            t.render(|_| Some(Cow::Borrowed("a/b c"))).unwrap(),
+            "user a/b c"
         );
     }
 

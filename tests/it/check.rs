@@ -634,6 +634,324 @@ fn invalid_upstream_name_points_at_the_name() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Upstream options: concurrency, retries, circuit breaker, headers
+// ---------------------------------------------------------------------------------------------
+
+/// `BASE` with `text` (lines indented 4 spaces) added to upstream `orders`, from line 13.
+fn with_orders_option(text: &str) -> String {
+    insert(BASE, 12, text)
+}
+
+#[test]
+fn policy_with_every_upstream_option_and_fetch_dependencies_loads() {
+    let yaml = with_orders_option(
+        "    concurrency: 32
+    retries: { attempts: 2, budget: 0.1, min_per_second: 5 }
+    circuit_breaker:
+      consecutive_failures: 3
+      failure_ratio: 0.25
+      min_requests: 10
+      window: 30s
+      open_for: 2s
+    headers:
+      X-User-Id: \"{jwt.sub}\"
+      X-Tenant: \"tenant={jwt.tid}; v=1\"",
+    );
+    // `users` without a breaker, and with retries at their defaults but `attempts`.
+    let yaml = edit(
+        &yaml,
+        9,
+        "timeout: 300ms",
+        "timeout: 300ms, retries: { attempts: 1 }, circuit_breaker: { enabled: false }",
+    );
+    // A third fetch that waits for both others (an optional fetch may wait for anything).
+    let yaml = insert(
+        &yaml,
+        42,
+        "      tier:
+        upstream: users
+        path: /tiers/{fetch.user.loyalty.tier}?n={fetch.orders.count}&u={fetch.user.id}
+        fields: [name]
+        fallback: {}",
+    );
+    assert_valid(&yaml);
+}
+
+#[test]
+fn zero_concurrency_is_refused() {
+    let yaml = with_orders_option("    concurrency: 0");
+    let message = assert_rejected(&yaml, 13, Some(18), "`concurrency` must be at least 1");
+    assert!(message.contains("upstream `orders`"), "{message}");
+}
+
+#[test]
+fn retry_attempts_must_be_one_to_five() {
+    for attempts in ["0", "6"] {
+        let yaml = with_orders_option(&format!("    retries: {{ attempts: {attempts} }}"));
+        let message = assert_rejected(&yaml, 13, Some(26), "`retries.attempts` must be 1 to 5");
+        assert!(message.contains("upstream `orders`"), "{message}");
+    }
+}
+
+#[test]
+fn retries_need_attempts() {
+    let yaml = with_orders_option("    retries: { budget: 0.5 }");
+    let message = assert_rejected(&yaml, 13, Some(14), "`retries` needs `attempts`");
+    assert!(message.contains("upstream `orders`"), "{message}");
+}
+
+#[test]
+fn retry_budget_must_be_a_fraction() {
+    for budget in ["0", "1.5", "-0.1"] {
+        let yaml = with_orders_option(&format!("    retries: {{ attempts: 2, budget: {budget} }}"));
+        let message = assert_rejected(&yaml, 13, Some(37), "`retries.budget` must be a fraction");
+        assert!(message.contains("upstream `orders`"), "{message}");
+    }
+}
+
+#[test]
+fn circuit_breaker_values_are_checked() {
+    for (key, value, phrase) in [
+        ("consecutive_failures", "0", "must be at least 1"),
+        ("min_requests", "0", "must be at least 1"),
+        ("failure_ratio", "0", "must be a fraction"),
+        ("failure_ratio", "1.5", "must be a fraction"),
+        ("window", "0s", "must be longer than zero"),
+        ("open_for", "0ms", "must be longer than zero"),
+    ] {
+        // Checked even when the breaker is off, so turning it on cannot break the policy.
+        for enabled in ["true", "false"] {
+            let yaml = with_orders_option(&format!(
+                "    circuit_breaker:\n      enabled: {enabled}\n      {key}: {value}"
+            ));
+            let message = assert_rejected(
+                &yaml,
+                15,
+                Some(9 + key.len() as u64),
+                &format!("`circuit_breaker.{key}` {phrase}"),
+            );
+            assert!(message.contains("upstream `orders`"), "{message}");
+        }
+    }
+}
+
+#[test]
+fn unknown_circuit_breaker_key_is_named() {
+    let yaml = with_orders_option("    circuit_breaker: { threshold: 3 }");
+    assert_rejected(&yaml, 13, None, "unknown field `threshold`");
+}
+
+#[test]
+fn upstream_header_name_must_be_valid() {
+    let yaml = with_orders_option("    headers:\n      \"X Id\": a");
+    let message = assert_rejected(&yaml, 14, Some(7), "not a valid header name");
+    assert!(
+        message.contains("upstream `orders`: header `X Id`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn upstream_header_value_must_be_valid() {
+    let yaml = with_orders_option("    headers:\n      X-Id: \"a\\x01b\"");
+    let message = assert_rejected(&yaml, 14, Some(13), "not a valid header value");
+    assert!(message.contains("header `X-Id`"), "{message}");
+    // A broken template is named as a value, not as a path.
+    let yaml = with_orders_option("    headers:\n      X-Id: \"{jwt.sub\"");
+    let message = assert_rejected(&yaml, 14, Some(13), "value `{jwt.sub` has a `{`");
+    assert!(message.contains("header `X-Id`"), "{message}");
+}
+
+#[test]
+fn upstream_headers_the_sidecar_sets_are_refused() {
+    for header in [
+        "Host",
+        "Content-Length",
+        "Transfer-Encoding",
+        "Connection",
+        "X-BFF-Client",
+        "X-Trace-Id",
+        "traceparent",
+    ] {
+        let yaml = with_orders_option(&format!("    headers:\n      {header}: x"));
+        let message = assert_rejected(&yaml, 14, Some(7), "cannot be set");
+        assert!(
+            message.contains(&format!("upstream `orders`: header `{header}`")),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn upstream_header_cannot_override_the_credential() {
+    let yaml = with_orders_option(
+        "    credential: { header: X-Api-Key, value: k3y }\n    headers:\n      x-api-key: \"{jwt.sub}\"",
+    );
+    let message = assert_rejected(&yaml, 15, Some(7), "`credential` header");
+    assert!(message.contains("header `x-api-key`"), "{message}");
+}
+
+#[test]
+fn upstream_header_given_twice_is_refused() {
+    let yaml = with_orders_option("    headers:\n      X-Id: a\n      x-id: b");
+    assert_rejected(&yaml, 15, Some(7), "header `x-id` is given twice");
+}
+
+#[test]
+fn upstream_headers_may_only_use_jwt_claims() {
+    for var in ["{path.id}", "{query.n}", "{fetch.user.id}"] {
+        let yaml = with_orders_option(&format!("    headers:\n      X-Id: \"{var}\""));
+        let message = assert_rejected(&yaml, 14, Some(13), var);
+        assert!(
+            message.contains("upstream `orders`: header `X-Id`"),
+            "{message}"
+        );
+        assert!(message.contains("every route that calls it"), "{message}");
+        assert!(message.contains("{jwt.*}"), "{message}");
+    }
+}
+
+#[test]
+fn upstream_header_jwt_claim_needs_auth() {
+    // Without lines 2-7 (`auth`), the new header is on line 8 and the orders fetch path, made
+    // free of `{jwt.sub}`, on line 24.
+    let yaml = with_orders_option("    headers:\n      X-User: \"{jwt.sub}\"");
+    let yaml = edit(&yaml, 30, "{jwt.sub}", "{path.id}");
+    let yaml = remove(&yaml, 2..=7);
+    let message = assert_rejected(&yaml, 8, Some(15), "{jwt.sub}");
+    assert!(message.contains("header `X-User`"), "{message}");
+    assert!(message.contains("no `auth`"), "{message}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fetch dependencies: `{fetch.NAME.FIELD}`
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn fetch_variable_must_name_a_fetch_of_the_route() {
+    let yaml = edit(BASE, 23, "{path.id}", "{fetch.profile.id}");
+    let message = assert_rejected(
+        &yaml,
+        23,
+        Some(15),
+        "route `profile` has no fetch `profile`",
+    );
+    assert!(
+        message.contains("fetch `user` uses `{fetch.profile.id}`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn fetch_cannot_use_its_own_answer() {
+    let yaml = edit(BASE, 23, "{path.id}", "{fetch.user.id}");
+    let message = assert_rejected(&yaml, 23, Some(15), "fetch `user` uses `{fetch.user.id}`");
+    assert!(message.contains("its own answer"), "{message}");
+}
+
+#[test]
+fn fetch_cycle_is_refused_and_named() {
+    // Both critical, so that only the cycle is wrong.
+    let yaml = edit(BASE, 23, "{path.id}", "{fetch.orders.userId}");
+    let yaml = edit(&yaml, 28, "limit={query.n}", "tier={fetch.user.tier}");
+    let yaml = edit(&yaml, 31, "fallback: []", "critical: true");
+    let message = assert_rejected(
+        &yaml,
+        23,
+        Some(15),
+        "fetches `user` → `orders` → `user` form a cycle",
+    );
+    assert!(message.contains("route `profile`"), "{message}");
+}
+
+#[test]
+fn fetch_cycle_through_three_fetches_is_reported_once() {
+    let yaml = edit(BASE, 23, "{path.id}", "{fetch.third.id}");
+    let yaml = edit(&yaml, 28, "limit={query.n}", "tier={fetch.user.tier}");
+    let yaml = edit(&yaml, 31, "fallback: []", "critical: true");
+    let yaml = insert(
+        &yaml,
+        31,
+        "      third: { upstream: users, path: \"/x/{fetch.orders.id}\", critical: true, fields: [a] }",
+    );
+    assert_rejected(
+        &yaml,
+        23,
+        Some(15),
+        "fetches `user` → `third` → `orders` → `user` form a cycle",
+    );
+}
+
+#[test]
+fn critical_fetch_cannot_wait_for_an_optional_one() {
+    let yaml = edit(
+        BASE,
+        23,
+        "{path.id}",
+        "{path.id}?since={fetch.orders.latest}",
+    );
+    let message = assert_rejected(
+        &yaml,
+        23,
+        Some(15),
+        "critical fetch `user` uses the answer of optional fetch `orders`",
+    );
+    assert!(
+        message.contains("make `orders` critical or `user` optional"),
+        "{message}"
+    );
+}
+
+#[test]
+fn fetch_variable_in_a_proxy_route_is_refused() {
+    let yaml = edit(BASE, 37, "{path.id}", "{fetch.user.id}");
+    let message = assert_rejected(&yaml, 37, Some(13), "`{fetch.user.id}`");
+    assert!(message.contains("not a `proxy` route"), "{message}");
+}
+
+#[test]
+fn shared_cache_refuses_jwt_in_upstream_headers() {
+    let yaml = edit(BASE, 19, "scope: user", "scope: shared");
+    let yaml = edit(&yaml, 28, "{jwt.sub}", "{path.id}");
+    let yaml = edit(
+        &yaml,
+        9,
+        "timeout: 300ms",
+        r#"timeout: 300ms, headers: { X-User-Id: "{jwt.sub}" }"#,
+    );
+    let message = assert_rejected(&yaml, 19, Some(12), "scope: shared");
+    assert!(message.contains("fetch `user`"), "{message}");
+    assert!(message.contains("upstream `users`"), "{message}");
+    assert!(message.contains("x-user-id"), "{message}");
+}
+
+#[test]
+fn shared_cache_refuses_fetches_that_wait_for_personal_ones() {
+    let yaml = edit(BASE, 19, "scope: user", "scope: shared");
+    let yaml = edit(&yaml, 23, "{path.id}", "{jwt.sub}");
+    let yaml = edit(&yaml, 28, "{jwt.sub}", "{path.id}");
+    let yaml = edit(&yaml, 28, "limit={query.n}", "tier={fetch.user.tier}");
+    let (code, _, stderr) = check(&yaml);
+    assert_eq!(code, 1, "{stderr}");
+    let diags = diagnostics(Path::new(POLICY), &stderr);
+    assert_eq!(diags.len(), 2, "{stderr}");
+    assert!(
+        diags.iter().all(|d| (d.line, d.col) == (19, 12)),
+        "{stderr}"
+    );
+    assert!(
+        diags[0].message.contains("fetch `user` uses `{jwt.sub}`"),
+        "{stderr}"
+    );
+    assert!(
+        diags[1]
+            .message
+            .contains("fetch `orders` depends on fetch `user`, which uses `{jwt.sub}`"),
+        "{stderr}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Scalars: durations, version
 // ---------------------------------------------------------------------------------------------
 
