@@ -1,15 +1,59 @@
 //! Every Prometheus metric family the sidecar exports, registered in one place.
 
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+
+/// Request and dependency latencies: sub-millisecond to a stuck upstream's timeout.
+const LATENCY_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 pub struct Metrics {
     registry: Registry,
     pub requests_total: IntCounterVec,
     pub request_duration_seconds: HistogramVec,
+    /// `{client,route,dependency,outcome}`: one per call of a fetch or proxy route, retries
+    /// included; `dependency` is the fetch's name (the upstream's for `proxy` routes).
+    pub dependency_requests_total: IntCounterVec,
+    pub dependency_duration_seconds: HistogramVec,
+    /// Retries made, by upstream: what the retry budget lets through.
+    pub dependency_retries_total: IntCounterVec,
+    /// `{client,route,dependency}`: responses served with this fetch's fallback.
+    pub degraded_responses_total: IntCounterVec,
+    /// 0 closed, 1 half-open, 2 open.
+    pub circuit_state: IntGaugeVec,
+    pub upstream_bytes_total: IntCounterVec,
+    pub response_bytes_total: IntCounterVec,
+    pub loops_refused_total: IntCounterVec,
+    /// `{client,reason}`: requests refused for their token (see `pipeline::auth`).
+    pub auth_failures_total: IntCounterVec,
     pub policy_reloads_total: IntCounterVec,
     pub in_flight_requests: IntGauge,
+}
+
+/// How one call to a dependency ended: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Error,
+    Timeout,
+    CircuitOpen,
+    BadBody,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Timeout => "timeout",
+            Outcome::CircuitOpen => "circuit_open",
+            Outcome::BadBody => "bad_body",
+        }
+    }
 }
 
 /// Why a reload attempt ended as it did: the `result` label of `bff_policy_reloads_total`.
@@ -31,54 +75,103 @@ impl ReloadResult {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let requests_total = IntCounterVec::new(
-            Opts::new(
+        fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric names are unique");
+            c
+        }
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("static metric definition");
+            register(&registry, c)
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )
+            .expect("static metric definition");
+            register(&registry, h)
+        };
+        let route = ["client", "route"];
+        let dependency = ["client", "route", "dependency"];
+        Metrics {
+            requests_total: counter(
                 "bff_requests_total",
                 "Client requests answered, by route and status.",
+                &["client", "route", "status"],
             ),
-            &["client", "route", "status"],
-        )
-        .expect("static metric definition");
-        let request_duration_seconds = HistogramVec::new(
-            HistogramOpts::new(
+            request_duration_seconds: histogram(
                 "bff_request_duration_seconds",
                 "Time from request to the last byte of the response.",
-            )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-            &["client", "route"],
-        )
-        .expect("static metric definition");
-        let policy_reloads_total = IntCounterVec::new(
-            Opts::new(
+                &route,
+            ),
+            dependency_requests_total: counter(
+                "bff_dependency_requests_total",
+                "Calls to dependencies, by outcome (ok, error, timeout, circuit_open, bad_body).",
+                &["client", "route", "dependency", "outcome"],
+            ),
+            dependency_duration_seconds: histogram(
+                "bff_dependency_duration_seconds",
+                "Time one call to a dependency took, retries included.",
+                &dependency,
+            ),
+            dependency_retries_total: counter(
+                "bff_dependency_retries_total",
+                "Retries of idempotent calls, as the retry budget allowed them.",
+                &["client", "upstream"],
+            ),
+            degraded_responses_total: counter(
+                "bff_degraded_responses_total",
+                "Responses served with an optional dependency's fallback.",
+                &dependency,
+            ),
+            circuit_state: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "bff_circuit_state",
+                        "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open.",
+                    ),
+                    &["client", "upstream"],
+                )
+                .expect("static metric definition"),
+            ),
+            upstream_bytes_total: counter(
+                "bff_upstream_bytes_total",
+                "Body bytes received from dependencies (decompressed).",
+                &route,
+            ),
+            response_bytes_total: counter(
+                "bff_response_bytes_total",
+                "Body bytes of the responses sent to clients.",
+                &route,
+            ),
+            loops_refused_total: counter(
+                "bff_loops_refused_total",
+                "Requests refused because they already carried X-BFF-Client.",
+                &["client"],
+            ),
+            auth_failures_total: counter(
+                "bff_auth_failures_total",
+                "Requests refused for their token, by reason.",
+                &["client", "reason"],
+            ),
+            policy_reloads_total: counter(
                 "bff_policy_reloads_total",
                 "Policy reload attempts; an invalid policy is refused and the old one kept.",
+                &["result"],
             ),
-            &["result"],
-        )
-        .expect("static metric definition");
-        let in_flight_requests = IntGauge::new(
-            "bff_in_flight_requests",
-            "Client requests being served now.",
-        )
-        .expect("static metric definition");
-        for collector in [
-            Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(request_duration_seconds.clone()),
-            Box::new(policy_reloads_total.clone()),
-            Box::new(in_flight_requests.clone()),
-        ] {
-            registry
-                .register(collector)
-                .expect("metric names are unique");
-        }
-        Metrics {
+            in_flight_requests: register(
+                &registry,
+                IntGauge::new(
+                    "bff_in_flight_requests",
+                    "Client requests being served now.",
+                )
+                .expect("static metric definition"),
+            ),
             registry,
-            requests_total,
-            request_duration_seconds,
-            policy_reloads_total,
-            in_flight_requests,
         }
     }
 

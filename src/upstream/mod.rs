@@ -1,78 +1,314 @@
-//! Reaching internal services: the peer (address and timeouts) for an upstream, and how a
-//! failure to reach one becomes an error code.
+//! Reaching internal services: one client stack per upstream, built once per policy and
+//! shared by every route, and the peer of the app that unmatched requests fall through to.
+//!
+//! A call goes down the stack in this order (`UpstreamClient::new` builds it):
+//!
+//! ```text
+//! metrics → timeout → concurrency limit → circuit breaker → retry → headers → HTTP client
+//! ```
+
+mod breaker;
+mod client;
+mod retry;
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use indexmap::IndexMap;
 use pingora::prelude::HttpPeer;
 use pingora::{Error, ErrorType};
+use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, ServiceExt};
+use tracing::warn;
+
+pub use client::BFF_CLIENT_HEADER;
 
 use crate::envelope::ErrorCode;
-use crate::policy::Upstream;
+use crate::metrics::{Metrics, Outcome};
+use crate::policy::{Policy, Upstream};
+use crate::proxy::Claims;
+use breaker::{Breaker, BreakerLayer};
+use retry::{Retries, RetryBudget};
 
-/// Used when the policy gives an upstream no `timeout`.
+/// Largest (decompressed) body read from an upstream.
+pub const MAX_BODY: usize = 4 << 20;
+/// Used for the app's connections when the policy gives it no `timeout`.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a pooled upstream connection may sit idle before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Why an upstream could not be used, named for logs and metrics.
-#[derive(Debug, thiserror::Error)]
-#[error("upstream `{upstream}`: {reason}")]
-pub struct UpstreamError {
-    pub upstream: String,
-    pub reason: String,
-    pub code: ErrorCode,
+/// What a route asks of an upstream.
+pub struct Call {
+    pub method: Method,
+    /// Path and query, rendered, below the upstream's base path.
+    pub path: String,
+    /// Client headers the route forwards (none for fetches).
+    pub headers: HeaderMap,
+    pub body: Bytes,
 }
 
-impl UpstreamError {
-    pub fn new(upstream: &Upstream, code: ErrorCode, reason: impl Into<String>) -> Self {
-        UpstreamError {
-            upstream: upstream.name.clone(),
-            reason: reason.into(),
-            code,
+/// Who is calling: the labels of the call's metrics and what its headers carry.
+pub struct Caller<'a> {
+    pub route: &'a str,
+    /// The fetch's name, or the upstream's for a `proxy` route.
+    pub dependency: &'a str,
+    pub trace_id: &'a str,
+    pub traceparent: Option<&'a HeaderValue>,
+    pub claims: Option<&'a Arc<Claims>>,
+}
+
+/// A call as it travels down the stack; cloned for each retry.
+#[derive(Clone)]
+pub struct Outbound {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trace_id: String,
+    pub traceparent: Option<HeaderValue>,
+    pub claims: Option<Arc<Claims>>,
+    /// When the call's timeout ends (see `breaker`).
+    pub deadline: Instant,
+}
+
+/// A 2xx answer, its body read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+/// A failed call, naming the upstream.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("upstream `{upstream}`: {failure}")]
+pub struct CallError {
+    pub upstream: String,
+    pub failure: Failure,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Failure {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("connection failed: {0}")]
+    Transport(String),
+    #[error("no complete answer within {0:?}")]
+    Timeout(Duration),
+    #[error("answered {0}")]
+    Status(u16),
+    #[error("{0}")]
+    BadBody(String),
+    #[error("circuit open")]
+    CircuitOpen,
+    /// The request could not be built from this client request's inputs.
+    #[error("{0}")]
+    Request(String),
+}
+
+impl Failure {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Failure::Connect(_) | Failure::Transport(_) | Failure::Status(_) => Outcome::Error,
+            Failure::Request(_) => Outcome::Error,
+            Failure::Timeout(_) => Outcome::Timeout,
+            Failure::BadBody(_) => Outcome::BadBody,
+            Failure::CircuitOpen => Outcome::CircuitOpen,
+        }
+    }
+
+    /// The client-facing code when this failure decides a `proxy` route's answer.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Failure::Connect(_) | Failure::Transport(_) | Failure::CircuitOpen => {
+                ErrorCode::DependencyUnavailable
+            }
+            Failure::Timeout(_) => ErrorCode::DeadlineExceeded,
+            Failure::Status(status) => ErrorCode::for_upstream_status(*status),
+            Failure::BadBody(_) => ErrorCode::BadUpstreamResponse,
+            Failure::Request(_) => ErrorCode::BadRequest,
+        }
+    }
+
+    /// Whether this says the upstream is unwell (what its circuit breaker counts). A 4xx is
+    /// an answer about the request, not about the upstream's health.
+    fn is_upstream_fault(&self) -> bool {
+        match self {
+            Failure::Status(status) => *status >= 500,
+            Failure::Request(_) | Failure::CircuitOpen => false,
+            _ => true,
         }
     }
 }
 
-/// Resolves the upstream's address (without blocking a worker on DNS) and builds its peer.
-/// `read_timeout` bounds each read; pass-through to the app sets none, so long-lived streams
-/// (SSE, WebSocket) are not cut.
-pub async fn peer(
-    upstream: &Upstream,
-    read_timeout: Option<Duration>,
-) -> Result<HttpPeer, UpstreamError> {
+type Stack = BoxCloneSyncService<Outbound, Answer, CallError>;
+
+/// One upstream's client stack. Cheap to clone; clones share pool, limits and breaker.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    upstream: Arc<Upstream>,
+    client: Arc<str>,
+    stack: Stack,
+    metrics: Arc<Metrics>,
+}
+
+impl UpstreamClient {
+    pub fn new(upstream: Arc<Upstream>, client: &str, metrics: &Arc<Metrics>) -> Self {
+        let labels = [client, upstream.name.as_str()];
+        let breaker = Arc::new(Breaker::new(
+            &upstream.name,
+            upstream.circuit_breaker.clone(),
+            metrics.circuit_state.with_label_values(&labels),
+        ));
+        let retries = upstream.retries.as_ref().map(|policy| {
+            Retries::new(Arc::new(RetryBudget::new(
+                policy,
+                metrics.dependency_retries_total.with_label_values(&labels),
+            )))
+        });
+        let for_headers = (upstream.clone(), client.to_string());
+        // The timeout and the metrics are applied by `call`, above this stack: tower's
+        // `Timeout` starts its clock in `call`, after the concurrency limit's `poll_ready` has
+        // already waited, so it could not bound the time spent queueing.
+        let stack = ServiceBuilder::new()
+            .option_layer(
+                upstream
+                    .concurrency
+                    .map(tower::limit::ConcurrencyLimitLayer::new),
+            )
+            .layer(BreakerLayer::new(breaker))
+            .option_layer(retries.map(tower::retry::RetryLayer::new))
+            .map_request(move |outbound| client::prepare(&for_headers.0, &for_headers.1, outbound))
+            .service(client::HttpClient::new(&upstream));
+        UpstreamClient {
+            upstream,
+            client: Arc::from(client),
+            stack: BoxCloneSyncService::new(stack),
+            metrics: metrics.clone(),
+        }
+    }
+
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
+    /// Makes one call within the upstream's timeout and turns the answer into `T` with
+    /// `decode` (an `Err` from it is a bad body). Counts and times the call; logs nothing,
+    /// since the caller knows whether the failure matters.
+    pub async fn call<T>(
+        &self,
+        call: Call,
+        caller: &Caller<'_>,
+        decode: impl FnOnce(Answer) -> Result<T, String>,
+    ) -> Result<T, CallError> {
+        let started = Instant::now();
+        let limit = self.upstream.call_timeout();
+        let deadline = started + limit;
+        let outbound = Outbound {
+            method: call.method,
+            path: call.path,
+            headers: call.headers,
+            body: call.body,
+            trace_id: caller.trace_id.to_string(),
+            traceparent: caller.traceparent.cloned(),
+            claims: caller.claims.cloned(),
+            deadline,
+        };
+        let answer = tokio::time::timeout_at(
+            tokio::time::Instant::from_std(deadline),
+            self.stack.clone().oneshot(outbound),
+        )
+        .await;
+        let fail = |failure| CallError {
+            upstream: self.upstream.name.clone(),
+            failure,
+        };
+        let result = match answer {
+            Err(_) => Err(fail(Failure::Timeout(limit))),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(answer)) => {
+                let bytes = answer.body.len() as u64;
+                self.metrics
+                    .upstream_bytes_total
+                    .with_label_values(&[&*self.client, caller.route])
+                    .inc_by(bytes);
+                decode(answer).map_err(|reason| fail(Failure::BadBody(reason)))
+            }
+        };
+        let outcome = match &result {
+            Ok(_) => Outcome::Ok,
+            Err(e) => e.failure.outcome(),
+        };
+        let dependency = [&*self.client, caller.route, caller.dependency];
+        self.metrics
+            .dependency_duration_seconds
+            .with_label_values(&dependency)
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .dependency_requests_total
+            .with_label_values(&[
+                &*self.client,
+                caller.route,
+                caller.dependency,
+                outcome.label(),
+            ])
+            .inc();
+        result
+    }
+}
+
+/// Every upstream's client, by name: built once per policy.
+pub struct Upstreams(IndexMap<String, UpstreamClient>);
+
+impl Upstreams {
+    pub fn build(policy: &Policy, metrics: &Arc<Metrics>) -> Upstreams {
+        Upstreams(
+            policy
+                .upstreams
+                .iter()
+                .map(|(name, upstream)| {
+                    let client = UpstreamClient::new(upstream.clone(), &policy.client, metrics);
+                    (name.clone(), client)
+                })
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, name: &str) -> Option<&UpstreamClient> {
+        self.0.get(name)
+    }
+}
+
+/// The app's peer for Pingora's proxy: address resolved without blocking a worker on DNS.
+/// No read timeout, so long-lived streams (SSE, WebSocket) are not cut.
+pub async fn app_peer(upstream: &Upstream) -> Result<HttpPeer, CallError> {
     let address = resolve(upstream).await?;
     let mut peer = HttpPeer::new(address, false, String::new());
     peer.options.connection_timeout = Some(upstream.timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
-    peer.options.read_timeout = read_timeout;
-    peer.options.write_timeout = read_timeout;
     peer.options.idle_timeout = Some(IDLE_TIMEOUT);
     Ok(peer)
 }
 
-async fn resolve(upstream: &Upstream) -> Result<SocketAddr, UpstreamError> {
+async fn resolve(upstream: &Upstream) -> Result<SocketAddr, CallError> {
     if let Ok(ip) = upstream.host.parse() {
         return Ok(SocketAddr::new(ip, upstream.port));
     }
+    let fail = |reason: String| {
+        warn!(upstream = %upstream.name, %reason, "cannot resolve upstream");
+        CallError {
+            upstream: upstream.name.clone(),
+            failure: Failure::Connect(reason),
+        }
+    };
     let mut found = tokio::net::lookup_host((upstream.host.as_str(), upstream.port))
         .await
-        .map_err(|e| {
-            UpstreamError::new(
-                upstream,
-                ErrorCode::DependencyUnavailable,
-                format!("DNS: {e}"),
-            )
-        })?;
-    found.next().ok_or_else(|| {
-        UpstreamError::new(
-            upstream,
-            ErrorCode::DependencyUnavailable,
-            "DNS: no address",
-        )
-    })
+        .map_err(|e| fail(format!("DNS: {e}")))?;
+    found.next().ok_or_else(|| fail("DNS: no address".into()))
 }
 
-/// The client-facing code for a Pingora error on the way to or from an upstream.
+/// The client-facing code for a Pingora error on the way to or from the app.
 pub fn code_for(error: &Error) -> ErrorCode {
     match error.etype() {
         ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {

@@ -1,0 +1,249 @@
+//! The bottom of an upstream's stack: the headers every internal call carries, and a pooled
+//! keep-alive HTTP/1.1 client that reads a 2xx JSON answer whole (decompressed, bounded).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::compression::ResponseCompressionCtx;
+use tower::Service;
+
+use super::{Answer, CallError, Failure, Outbound, IDLE_TIMEOUT, MAX_BODY};
+use crate::pipeline::edge::TRACE_HEADER;
+use crate::policy::{Upstream, Var};
+
+/// The header that marks a request as coming from a BFF (see `pipeline::edge`).
+pub const BFF_CLIENT_HEADER: &str = "x-bff-client";
+
+/// A request with every header decided, or why it could not be built.
+pub type Prepared = Result<Request<Full<Bytes>>, CallError>;
+
+/// Builds the request an upstream sees: the path under its base path, the client headers the
+/// route forwards, the trace, `X-BFF-Client`, the upstream's own headers, its credential.
+pub fn prepare(upstream: &Upstream, client: &str, outbound: Outbound) -> Prepared {
+    let fail = |reason: String| CallError {
+        upstream: upstream.name.clone(),
+        failure: Failure::Request(reason),
+    };
+    let uri = format!(
+        "http://{}{}{}",
+        upstream.authority, upstream.base_path, outbound.path
+    );
+    let mut request = Request::builder()
+        .method(outbound.method)
+        .uri(uri)
+        .body(Full::new(outbound.body))
+        .map_err(|e| fail(format!("cannot build the request: {e}")))?;
+    let headers = request.headers_mut();
+    *headers = outbound.headers;
+    let trace_id = HeaderValue::from_str(&outbound.trace_id)
+        .map_err(|_| fail("trace id is not a header value".into()))?;
+    headers.insert(TRACE_HEADER, trace_id);
+    if let Some(traceparent) = outbound.traceparent {
+        headers.insert("traceparent", traceparent);
+    }
+    headers.insert(
+        BFF_CLIENT_HEADER,
+        HeaderValue::from_str(client).map_err(|_| fail("client name".into()))?,
+    );
+    for (name, template) in &upstream.headers {
+        let value = template
+            .render(|var| match var {
+                Var::Jwt(claim) => outbound
+                    .claims
+                    .as_deref()
+                    .and_then(|claims| crate::pipeline::claim_value(claims, claim)),
+                _ => None,
+            })
+            .map_err(|e| fail(format!("header `{name}`: {e}")))?;
+        let value = HeaderValue::from_str(&value).map_err(|_| {
+            fail(format!(
+                "header `{name}`: the value is not a valid header value"
+            ))
+        })?;
+        headers.insert(name.clone(), value);
+    }
+    if let Some(credential) = &upstream.credential {
+        headers.insert(credential.header.clone(), credential.value.clone());
+    }
+    Ok(request)
+}
+
+/// The pooled HTTP/1.1 client of one upstream.
+#[derive(Clone)]
+pub struct HttpClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+    upstream: Arc<str>,
+}
+
+impl HttpClient {
+    pub fn new(upstream: &Upstream) -> HttpClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(upstream.call_timeout()));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        HttpClient {
+            client,
+            upstream: Arc::from(upstream.name.as_str()),
+        }
+    }
+}
+
+impl Service<Prepared> for HttpClient {
+    type Response = Answer;
+    type Error = CallError;
+    type Future = Pin<Box<dyn Future<Output = Result<Answer, CallError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), CallError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, prepared: Prepared) -> Self::Future {
+        let client = self.client.clone();
+        let upstream = self.upstream.clone();
+        Box::pin(async move {
+            let fail = |failure| CallError {
+                upstream: upstream.to_string(),
+                failure,
+            };
+            let response = client.request(prepared?).await.map_err(|e| {
+                fail(if e.is_connect() {
+                    Failure::Connect(error_chain(&e))
+                } else {
+                    Failure::Transport(error_chain(&e))
+                })
+            })?;
+            read_answer(response).await.map_err(fail)
+        })
+    }
+}
+
+/// `e` and its causes, which is where hyper puts the useful part ("connection refused").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn read_answer(response: Response<Incoming>) -> Result<Answer, Failure> {
+    let status = response.status();
+    if !status.is_success() {
+        return Err(Failure::Status(status.as_u16()));
+    }
+    if status == StatusCode::NO_CONTENT {
+        return Ok(Answer {
+            status,
+            body: Bytes::new(),
+        });
+    }
+    let headers = response.headers();
+    if !is_json(headers.get(CONTENT_TYPE)) {
+        return Err(Failure::BadBody(
+            "answered with a body that is not JSON".into(),
+        ));
+    }
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = declared.filter(|n| *n > MAX_BODY) {
+        return Err(Failure::BadBody(format!(
+            "body of {n} bytes is over the bound of {MAX_BODY}"
+        )));
+    }
+    // Pingora's codec decodes every encoding its proxy does (gzip, deflate, br, zstd).
+    let mut decoder = ResponseCompressionCtx::new(0, true, false);
+    let encoding = headers.get(CONTENT_ENCODING).cloned();
+    let decoding = match encoding {
+        Some(encoding) => {
+            let mut header = ResponseHeader::build(status, Some(1))
+                .map_err(|e| Failure::BadBody(e.to_string()))?;
+            header
+                .insert_header(CONTENT_ENCODING, encoding)
+                .map_err(|e| Failure::BadBody(e.to_string()))?;
+            let decoding = decoder.will_decompress(&header);
+            if decoding {
+                decoder.response_header_filter(&mut header, false);
+            }
+            decoding
+        }
+        None => false,
+    };
+    let mut body = response.into_body();
+    let mut raw = BytesMut::new();
+    loop {
+        let frame = body
+            .frame()
+            .await
+            .transpose()
+            .map_err(|e| Failure::Transport(format!("reading the body: {e}")))?;
+        let chunk = frame.and_then(|f| f.into_data().ok());
+        let end = body.is_end_stream() || chunk.is_none();
+        let data = if decoding {
+            decoder.response_body_filter(chunk.as_ref(), end)
+        } else {
+            chunk
+        };
+        if let Some(data) = data {
+            raw.extend_from_slice(&data);
+        }
+        if raw.len() > MAX_BODY {
+            return Err(Failure::BadBody(format!(
+                "body is over the bound of {MAX_BODY} bytes"
+            )));
+        }
+        if end {
+            break;
+        }
+    }
+    Ok(Answer {
+        status,
+        body: raw.freeze(),
+    })
+}
+
+fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    let Some(value) = content_type.and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types() {
+        let ct = |s: &'static str| Some(HeaderValue::from_static(s));
+        assert!(is_json(ct("application/json; charset=utf-8").as_ref()));
+        assert!(is_json(ct("application/problem+json").as_ref()));
+        assert!(!is_json(ct("text/html").as_ref()));
+        assert!(!is_json(None));
+    }
+}
