@@ -30,9 +30,7 @@ impl ServeHttp for Admin {
                 reply(200, "text/plain; version=0.0.4", metrics.render())
             }
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
-            "/readyz" if self.shared.ready.load(Ordering::SeqCst) => {
-                reply(200, "text/plain", b"ready\n".to_vec())
-            }
+            "/readyz" if self.shared.is_ready() => reply(200, "text/plain", b"ready\n".to_vec()),
             "/readyz" => reply(503, "text/plain", b"not ready\n".to_vec()),
             "/policy" => {
                 let body = describe(&self.shared.policy.load());

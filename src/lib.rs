@@ -4,25 +4,29 @@
 //! the internal services. A request flows through these stages, each in its own module:
 //!
 //! ```text
-//! client ─▶ edge         trace id                      pipeline::edge
+//! client ─▶ edge         trace id, loop refusal (508)   pipeline::edge
 //!        ─▶ route        method + path → Route          pipeline::route (404/405, or fall through)
-//!        ─▶ proxy route  one upstream, body projected   pipeline::proxy_route, projection
+//!        ─▶ auth         bearer JWT → claims (401)      pipeline::auth
+//!        ─▶ inputs       path, query, claims checked    pipeline::inputs
+//!        ─▶ fan-out      every fetch at once, projected pipeline::fanout, upstream, projection
+//!        ─▶ assemble     {meta, sections}, degradation  pipeline::assemble
+//!           (or proxy route: one upstream, projected    pipeline::proxy_route)
 //!        ─▶ respond      JSON or error envelope         pipeline::respond, envelope
 //!        ─▶ observe      metrics + access log           pipeline::observe, metrics
 //! ```
 //!
 //! `policy` is the contract the stages run on; `proxy` maps them onto Pingora's phases;
-//! `upstream` reaches internal services; `server` and `admin` wire the process.
+//! `upstream` is one client stack per internal service; `server` and `admin` wire the process.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-pub mod admin;
-pub mod demo;
+pub mod policy;
+pub mod proxy;
+pub mod pipeline;
+pub mod upstream;
+pub mod projection;
 pub mod envelope;
 pub mod metrics;
-pub mod pipeline;
-pub mod policy;
-pub mod projection;
-pub mod proxy;
+pub mod admin;
 pub mod server;
-pub mod upstream;
+pub mod demo;

@@ -16,8 +16,12 @@ use tracing::{error, info};
 
 use crate::admin::Admin;
 use crate::metrics::ReloadResult;
+use crate::pipeline::auth::Verifier;
 use crate::policy::Policy;
 use crate::proxy::{Bff, Shared};
+
+/// How often missing token keys are fetched again.
+const KEY_RETRY: Duration = Duration::from_secs(2);
 
 /// How often the policy file is compared with the one in force. Polling the content (not
 /// inotify) also sees Kubernetes ConfigMap updates, which swap a symlinked directory.
@@ -105,10 +109,10 @@ struct PolicyWatch {
 }
 
 impl PolicyWatch {
-    fn reload(&self, why: &str) {
+    async fn reload(&self, why: &str) {
         match Policy::load(&self.path) {
             Ok(policy) => {
-                self.shared.policy.store(Arc::new(policy));
+                self.shared.install(policy).await;
                 self.shared.metrics.reloaded(ReloadResult::Ok);
                 info!(why, policy = %self.path.display(), "policy reloaded");
             }
@@ -142,18 +146,34 @@ impl BackgroundService for PolicyWatch {
         }
         self.shared.ready.store(true, Ordering::SeqCst);
         let mut poll = tokio::time::interval(POLICY_POLL);
+        // Token keys: loaded at once (readiness waits for them), retried every few seconds
+        // while missing, refreshed on an interval once there (a failed refresh keeps them).
+        let mut keys = tokio::time::interval(KEY_RETRY);
+        let mut since_refresh = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
+                _ = keys.tick() => {
+                    let active = self.shared.policy.load_full();
+                    let Some(verifier) = &active.verifier else { continue };
+                    since_refresh += KEY_RETRY;
+                    if verifier.has_keys() && since_refresh < Verifier::REFRESH_INTERVAL {
+                        continue;
+                    }
+                    since_refresh = Duration::ZERO;
+                    if let Err(e) = verifier.load_keys().await {
+                        error!(error = %e, "token keys not refreshed; the last good keys stay in use");
+                    }
+                }
                 _ = hangup.recv() => {
                     seen = read();
-                    self.reload("SIGHUP");
+                    self.reload("SIGHUP").await;
                 }
                 _ = poll.tick() => {
                     let now = read();
                     if now.is_some() && now != seen {
                         seen = now;
-                        self.reload("file changed");
+                        self.reload("file changed").await;
                     }
                 }
             }

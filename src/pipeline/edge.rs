@@ -1,10 +1,36 @@
 //! The edge of the pipeline: the trace id every response carries, taken from W3C `traceparent`
-//! or `X-Trace-Id` when the client sent a well-formed one, generated otherwise.
+//! or `X-Trace-Id` when the client sent a well-formed one, generated otherwise; and the refusal
+//! of requests that already passed through a BFF.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use rand::Rng;
 
+use crate::upstream::BFF_CLIENT_HEADER;
+
 pub const TRACE_HEADER: &str = "x-trace-id";
+
+/// Every call to an upstream carries `X-BFF-Client`; a client request carrying it came from a
+/// BFF, and one BFF must never become another's dependency by accident.
+pub fn came_from_a_bff(headers: &HeaderMap) -> bool {
+    headers.contains_key(BFF_CLIENT_HEADER)
+}
+
+/// The `traceparent` upstreams get: the client's own when it is well-formed, otherwise one
+/// carrying our trace id (when that is a W3C trace id) under a new parent id.
+pub fn traceparent(headers: &HeaderMap, trace_id: &str) -> Option<HeaderValue> {
+    if let Some(value) = headers.get("traceparent") {
+        if value.to_str().ok().and_then(from_traceparent).as_deref() == Some(trace_id) {
+            return Some(value.clone());
+        }
+    }
+    let w3c = trace_id.len() == 32
+        && trace_id
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let parent = rand::rng().random::<u64>().max(1);
+    w3c.then(|| HeaderValue::from_str(&format!("00-{trace_id}-{parent:016x}-01")).ok())
+        .flatten()
+}
 
 /// The request's trace id. A client-supplied value is only reused when it is short and plain,
 /// since it is echoed into headers, logs and error bodies.
@@ -76,6 +102,20 @@ mod tests {
         let generated = trace_id(&HeaderMap::new());
         assert_eq!(generated.len(), 32);
         assert_ne!(generated, trace_id(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn traceparent_is_kept_or_made_from_the_trace_id() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let h = headers(&[("traceparent", tp)]);
+        assert_eq!(traceparent(&h, &trace_id(&h)).unwrap(), tp);
+        let made = traceparent(&HeaderMap::new(), "4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+        let made = made.to_str().unwrap();
+        assert_eq!(
+            from_traceparent(made).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(traceparent(&HeaderMap::new(), "req-42"), None);
     }
 
     #[test]

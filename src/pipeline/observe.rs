@@ -27,6 +27,10 @@ pub fn finish(
         .request_duration_seconds
         .with_label_values(&[client, route])
         .observe(elapsed.as_secs_f64());
+    metrics
+        .response_bytes_total
+        .with_label_values(&[client, route])
+        .inc_by(session.body_bytes_sent() as u64);
     let request = session.req_header();
     info!(
         target: "access",

@@ -5,30 +5,40 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::policy::{Policy, Route, Upstream};
+use super::Active;
+use crate::policy::{Route, Upstream};
+
+/// A verified token's payload.
+pub type Claims = serde_json::Map<String, serde_json::Value>;
 
 pub struct RequestCtx {
     pub started: Instant,
     pub trace_id: String,
+    /// What upstream calls carry as `traceparent` (see `pipeline::edge`).
+    pub traceparent: Option<http::HeaderValue>,
     /// The policy this request started under: a reload never changes a request in flight.
-    pub policy: Arc<Policy>,
+    pub policy: Arc<Active>,
     pub route: Option<Arc<Route>>,
     /// Percent-decoded path parameters of the matched route.
     pub params: Vec<(String, String)>,
     /// Set when no route matched and the policy falls through to the app.
     pub fallthrough: Option<Arc<Upstream>>,
+    /// The verified token's claims, when the request carried one.
+    pub claims: Option<Arc<Claims>>,
     _in_flight: InFlight,
 }
 
 impl RequestCtx {
-    pub fn new(policy: Arc<Policy>, in_flight: &Arc<AtomicUsize>) -> Self {
+    pub fn new(policy: Arc<Active>, in_flight: &Arc<AtomicUsize>) -> Self {
         RequestCtx {
             started: Instant::now(),
             trace_id: String::new(),
+            traceparent: None,
             policy,
             route: None,
             params: Vec::new(),
             fallthrough: None,
+            claims: None,
             _in_flight: InFlight::enter(in_flight),
         }
     }

@@ -1,5 +1,6 @@
 //! The Pingora `ProxyHttp` implementation: each phase delegates to one pipeline stage.
 
+mod active;
 mod ctx;
 
 use std::panic::AssertUnwindSafe;
@@ -9,13 +10,13 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use futures::FutureExt;
-use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use tracing::error;
 
-pub use ctx::RequestCtx;
+pub use active::Active;
+pub use ctx::{Claims, RequestCtx};
 
 use crate::envelope::{Envelope, ErrorCode};
 use crate::metrics::Metrics;
@@ -25,10 +26,8 @@ use crate::upstream;
 
 /// State shared by every request, the admin port and the background jobs.
 pub struct Shared {
-    pub policy: ArcSwap<Policy>,
-    pub metrics: Metrics,
-    /// Pooled upstream connections for `proxy` routes.
-    pub connector: Connector,
+    pub policy: ArcSwap<Active>,
+    pub metrics: Arc<Metrics>,
     pub in_flight: Arc<AtomicUsize>,
     /// False until the background jobs (signals, policy watch) run, and again while draining.
     pub ready: AtomicBool,
@@ -36,13 +35,29 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(policy: Policy) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Shared {
-            policy: ArcSwap::from_pointee(policy),
-            metrics: Metrics::new(),
-            connector: Connector::new(None),
+            policy: ArcSwap::from_pointee(Active::new(policy, &metrics, None)),
+            metrics,
             in_flight: Arc::new(AtomicUsize::new(0)),
             ready: AtomicBool::new(false),
         }
+    }
+
+    /// Puts a newly loaded policy in force; requests under way keep the one they started on.
+    /// New token keys are loaded first; if they cannot be, the policy still goes in (the old
+    /// keys may be the wrong ones) and the key refresh keeps trying.
+    pub async fn install(&self, policy: Policy) {
+        let active = Active::new(policy, &self.metrics, Some(&self.policy.load()));
+        if let Err(e) = active.load_keys().await {
+            error!(error = %e, "token keys of the new policy not loaded yet; retrying");
+        }
+        self.policy.store(Arc::new(active));
+    }
+
+    /// Ready for traffic: started, not draining, token keys loaded.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::SeqCst) && self.policy.load().has_keys()
     }
 }
 
@@ -63,7 +78,9 @@ impl ProxyHttp for Bff {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        ctx.trace_id = edge::trace_id(&session.req_header().headers);
+        let headers = &session.req_header().headers;
+        ctx.trace_id = edge::trace_id(headers);
+        ctx.traceparent = edge::traceparent(headers, &ctx.trace_id);
         Ok(())
     }
 
@@ -99,7 +116,7 @@ impl ProxyHttp for Bff {
                 "no upstream chosen for this request",
             ));
         };
-        upstream::peer(&app, None)
+        upstream::app_peer(&app)
             .await
             .map(Box::new)
             .map_err(|e| pingora::Error::explain(pingora::ErrorType::ConnectError, e.to_string()))

@@ -1,6 +1,8 @@
 //! Integration tests for `bff`: one test binary (`cargo test --test it`) so Pingora links once.
 
 mod check;
+mod claims;
+mod fanout;
 mod harness_selftest;
 mod hostile;
 mod lifecycle;

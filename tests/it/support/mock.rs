@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
+    sync::oneshot,
     task::AbortHandle,
 };
 
@@ -70,6 +71,7 @@ pub struct MockReply {
     headers: HeaderMap,
     body: ReplyBody,
     delay: Duration,
+    hold_until: Option<usize>,
 }
 
 impl MockReply {
@@ -80,6 +82,7 @@ impl MockReply {
             headers: HeaderMap::new(),
             body,
             delay: Duration::ZERO,
+            hold_until: None,
         }
     }
 
@@ -137,6 +140,14 @@ impl MockReply {
         self.delay = delay;
         self
     }
+
+    /// Holds the response head until at least `n` requests are in flight on this mock at once
+    /// (this one included), so a reply only comes when its caller made `n` calls concurrently.
+    /// Waits for ever otherwise; the mock's Drop ends it.
+    pub fn hold_until_in_flight(mut self, n: usize) -> Self {
+        self.hold_until = Some(n);
+        self
+    }
 }
 
 struct State {
@@ -144,6 +155,59 @@ struct State {
     requests: Mutex<Vec<RecordedRequest>>,
     connections: AtomicUsize,
     tasks: Mutex<Vec<AbortHandle>>,
+    flight: Mutex<Flight>,
+}
+
+/// Requests received whose response head is not sent yet, and the replies held until enough
+/// of them are (`hold_until_in_flight`).
+#[derive(Default)]
+struct Flight {
+    now: usize,
+    max: usize,
+    held: Vec<(usize, oneshot::Sender<()>)>,
+}
+
+impl Flight {
+    /// Releases every held reply whose count is reached.
+    fn release(&mut self) {
+        let now = self.now;
+        for (_, release) in self.held.extract_if(.., |(n, _)| *n <= now) {
+            let _ = release.send(());
+        }
+    }
+}
+
+/// Counts one request in flight until dropped (also when its task is aborted).
+struct InFlight(Arc<State>);
+
+impl InFlight {
+    fn enter(state: &Arc<State>) -> Self {
+        let mut flight = state.flight.lock().unwrap();
+        flight.now += 1;
+        flight.max = flight.max.max(flight.now);
+        flight.release();
+        InFlight(state.clone())
+    }
+
+    /// Waits until `n` requests are in flight at once (at once if they are now).
+    async fn hold_until(&self, n: usize) {
+        let released = {
+            let mut flight = self.0.flight.lock().unwrap();
+            if flight.now >= n {
+                return;
+            }
+            let (release, released) = oneshot::channel();
+            flight.held.push((n, release));
+            released
+        };
+        let _ = released.await;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.flight.lock().unwrap().now -= 1;
+    }
 }
 
 impl State {
@@ -173,6 +237,7 @@ impl MockServer {
             requests: Mutex::default(),
             connections: AtomicUsize::new(0),
             tasks: Mutex::default(),
+            flight: Mutex::default(),
         });
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         state.track(accept.abort_handle());
@@ -202,6 +267,11 @@ impl MockServer {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// The most requests this mock had in flight (received, response head not yet sent) at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.flight.lock().unwrap().max
     }
 }
 
@@ -263,11 +333,16 @@ async fn handle(
         body,
     };
     state.requests.lock().unwrap().push(recorded.clone());
+    let in_flight = InFlight::enter(&state);
 
     let reply = (state.handler)(recorded);
+    if let Some(n) = reply.hold_until {
+        in_flight.hold_until(n).await;
+    }
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
+    drop(in_flight);
     let status = reply.status.as_u16();
     let body = match reply.body {
         ReplyBody::Full(bytes) => full(bytes),

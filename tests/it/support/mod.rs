@@ -5,6 +5,8 @@ pub mod bff;
 #[allow(dead_code)]
 pub mod http;
 #[allow(dead_code)]
+pub mod metrics;
+#[allow(dead_code)]
 pub mod mock;
 #[allow(dead_code)]
 pub mod policy;
