@@ -7,7 +7,6 @@
 //! (algorithm confusion). Keys sit behind an [`ArcSwap`]: a failed reload keeps the last good
 //! set, and an unknown `kid` triggers at most one JWKS refetch per 30 s.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +30,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::policy::{self, JwtAuth, KeySource};
 use crate::proxy::Claims;
+use crate::upstream::error_chain;
 
 /// A token longer than this is refused before any parsing.
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -470,31 +470,19 @@ async fn fetch(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> Resul
         .body(Empty::new())
         .map_err(|e| format!("invalid URL: {e}"))?;
     let exchange = async {
-        let response = client.request(request).await.map_err(|e| chain(&e))?;
+        let response = client.request(request).await.map_err(|e| error_chain(&e))?;
         if !response.status().is_success() {
             return Err(format!("answered {}", response.status()));
         }
         let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
             .collect()
             .await
-            .map_err(|e| format!("reading the body: {}", chain(e.as_ref())))?;
+            .map_err(|e| format!("reading the body: {}", error_chain(e.as_ref())))?;
         Ok(body.to_bytes().to_vec())
     };
     tokio::time::timeout(FETCH_TIMEOUT, exchange)
         .await
         .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))?
-}
-
-/// An error and its causes, `a: b: c`.
-fn chain(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
 }
 
 fn failure(kind: &ErrorKind) -> AuthFailure {

@@ -19,7 +19,7 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::compression::ResponseCompressionCtx;
 use tower::Service;
 
-use super::{Answer, CallError, Failure, Outbound, IDLE_TIMEOUT, MAX_BODY};
+use super::{error_chain, Answer, CallError, Failure, Outbound, IDLE_TIMEOUT, MAX_BODY};
 use crate::pipeline::edge::TRACE_HEADER;
 use crate::policy::{Upstream, Var};
 
@@ -130,18 +130,6 @@ impl Service<Prepared> for HttpClient {
             read_answer(response).await.map_err(fail)
         })
     }
-}
-
-/// `e` and its causes, which is where hyper puts the useful part ("connection refused").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 async fn read_answer(response: Response<Incoming>) -> Result<Answer, Failure> {

@@ -281,6 +281,19 @@ impl Upstreams {
     }
 }
 
+/// An error and its causes, `a: b: c`: hyper puts the useful part ("connection refused") in
+/// the causes.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
 /// The app's peer for Pingora's proxy: address resolved without blocking a worker on DNS.
 /// No read timeout, so long-lived streams (SSE, WebSocket) are not cut.
 pub async fn app_peer(upstream: &Upstream) -> Result<HttpPeer, CallError> {
