@@ -1,5 +1,10 @@
 //! Verified claims in templates, against the real binary with real HS256 tokens: `{jwt.sub}` in
-//! fetch paths and upstream headers, and the 401s of missing, forged, expired and `none` tokens.
+//! fetch paths and upstream headers, the 401s of missing, forged, expired and `none` tokens, and
+//! readiness waiting for the key set.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -168,4 +173,51 @@ async fn hostile_or_missing_tokens_get_401_and_never_reach_an_upstream() {
     let forged = format!("Bearer {forged}");
     assert_eq!(get_with(&bff, "/public", Some(&forged)).await.status, 401);
     assert_eq!(user.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_key_set_is_fetched() {
+    let jwks_up = Arc::new(AtomicBool::new(false));
+    let up = jwks_up.clone();
+    let jwks = MockServer::start(move |_| {
+        if up.load(Ordering::SeqCst) {
+            let keys = std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/jwt/jwks.json"
+            ))
+            .expect("fixture key set");
+            MockReply::bytes(200, "application/json", keys)
+        } else {
+            MockReply::text(503, "identity provider starting")
+        }
+    });
+    let file = write_policy(&format!(
+        r#"client: mobile
+auth:
+  jwt:
+    issuer: https://id.example.com/
+    audience: mobile-app
+    algorithms: [RS256, ES256]
+    jwks_url: "{}/.well-known/jwks.json"
+upstreams: {{ app: {{ url: "http://127.0.0.1:9" }} }}
+fallthrough: app
+"#,
+        jwks.url()
+    ));
+    let mut bff = Bff::builder(file.path()).spawn();
+    // Up and serving its admin port, but not ready while the keys cannot be fetched.
+    let readyz = bff.admin_url("/readyz");
+    let mut refused = 0;
+    while refused < 3 {
+        match http::try_send("GET", &readyz, &[], "").await {
+            Ok(reply) => {
+                assert_eq!(reply.status, 503, "ready without keys");
+                refused += 1;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(!jwks.requests().is_empty(), "the key set was asked for");
+    jwks_up.store(true, Ordering::SeqCst);
+    bff.wait_ready().await;
 }
