@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use serde_json::Value;
 
 use crate::envelope::ErrorCode;
-use crate::policy::{RenderError, Template, Var};
+use crate::policy::{RenderError, Template, Upstream, Var};
 use crate::proxy::{Claims, RequestCtx};
 
 /// What one request offers its templates.
@@ -54,6 +54,22 @@ impl<'a> Inputs<'a> {
         parent: impl Fn(&str) -> Option<&'a Value>,
     ) -> Result<String, RenderError> {
         template.render(|var| self.value(var, &parent))
+    }
+
+    /// Checks that every value the request itself must supply for a call to `upstream` (not
+    /// those from other fetches) is there: the path's and the upstream's `headers`'.
+    pub fn check(&self, path: &Template, upstream: &Upstream) -> Result<(), ErrorCode> {
+        path.render(|var| match var {
+            Var::Fetch { .. } => Some(Cow::Borrowed("x")),
+            _ => self.value(var, |_| None),
+        })
+        .map_err(|e| code_for(&e))?;
+        for (_, template) in &upstream.headers {
+            template
+                .render(|var| self.value(var, |_| None))
+                .map_err(|e| code_for(&e))?;
+        }
+        Ok(())
     }
 }
 

@@ -21,7 +21,7 @@ use http::HeaderValue;
 use pingora::proxy::Session;
 
 use crate::envelope::{Envelope, ErrorCode};
-use crate::policy::{Action, Fetch, Route, Var};
+use crate::policy::{Action, Fetch, Route};
 use crate::proxy::{RequestCtx, Shared};
 use crate::upstream::{Caller, Failure};
 use fanout::RouteFailure;
@@ -112,7 +112,10 @@ async fn serve_fetches(
     let request = session.req_header();
     let query = request.uri.query().unwrap_or("");
     let inputs = Inputs::of(ctx, query);
-    match check_inputs(&inputs, fetches) {
+    match fetches
+        .iter()
+        .try_for_each(|f| inputs.check(&f.path, &f.upstream))
+    {
         Ok(()) => {}
         Err(ErrorCode::Unauthenticated) => {
             return unauthenticated(session, ctx, shared, "missing").await
@@ -180,24 +183,4 @@ pub(crate) async fn unauthenticated(
         HeaderValue::from_static(challenge),
     )];
     respond::error(session, ctx, &ErrorCode::Unauthenticated.into(), &headers).await
-}
-
-/// Every value the request itself must supply (not those from other fetches) is there and
-/// usable, so a route fails as a whole with 400/401 instead of fetch by fetch.
-fn check_inputs(inputs: &Inputs, fetches: &[Fetch]) -> Result<(), ErrorCode> {
-    for fetch in fetches {
-        fetch
-            .path
-            .render(|var| match var {
-                Var::Fetch { .. } => Some("x".into()),
-                _ => inputs.value(var, |_| None),
-            })
-            .map_err(|e| inputs::code_for(&e))?;
-        for (_, template) in &fetch.upstream.headers {
-            template
-                .render(|var| inputs.value(var, |_| None))
-                .map_err(|e| inputs::code_for(&e))?;
-        }
-    }
-    Ok(())
 }

@@ -64,7 +64,11 @@ async fn call(
 ) -> Result<(u16, Bytes), Failure> {
     let request = session.req_header();
     let query = request.uri.query().unwrap_or("");
-    let path = Inputs::of(ctx, query)
+    let inputs = Inputs::of(ctx, query);
+    inputs
+        .check(&target.path, &target.upstream)
+        .map_err(Failure::Client)?;
+    let path = inputs
         .render(&target.path, |_| None)
         .map_err(|e| Failure::Client(inputs::code_for(&e)))?;
     let mut headers = HeaderMap::new();

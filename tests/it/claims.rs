@@ -35,6 +35,10 @@ routes:
     path: /me
     fetch:
       profile: {{ upstream: user, path: "/users/{{jwt.sub}}", critical: true, fields: [name] }}
+  - name: me-proxied
+    method: GET
+    path: /me/proxied
+    proxy: {{ upstream: user, path: /info, fields: [name] }}
   - name: public
     method: GET
     path: /public
@@ -172,6 +176,10 @@ async fn hostile_or_missing_tokens_get_401_and_never_reach_an_upstream() {
     assert_eq!(get_with(&bff, "/public", None).await.status, 200);
     let forged = format!("Bearer {forged}");
     assert_eq!(get_with(&bff, "/public", Some(&forged)).await.status, 401);
+    assert_eq!(user.requests().len(), 1);
+    let proxied = get_with(&bff, "/me/proxied", None).await;
+    assert_eq!(proxied.status, 401, "{}", proxied.text());
+    assert_eq!(proxied.header("www-authenticate"), Some("Bearer"));
     assert_eq!(user.requests().len(), 1);
 }
 
