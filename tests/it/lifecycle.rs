@@ -3,7 +3,6 @@
 //! access log, and startup failures.
 
 use std::{
-    collections::BTreeMap,
     future::Future,
     net::{SocketAddr, TcpListener},
     sync::{
@@ -15,6 +14,7 @@ use std::{
 
 use serde_json::{json, Value};
 
+use crate::support::metrics::{metrics_text, parse_metrics, series, Sample};
 use crate::support::{
     http, write_policy, write_policy_configmap, Bff, MockReply, MockServer, RecordedRequest,
     TempPolicy,
@@ -123,97 +123,12 @@ async fn wait_for_body(bff: &Bff, want: &Value) {
     .await;
 }
 
-/// One sample of the Prometheus text format.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// Parses the Prometheus text exposition format (comments skipped, label values unescaped).
-fn parse_metrics(text: &str) -> Vec<Sample> {
-    let mut samples = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("metric line without a value: {line:?}"));
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|e| panic!("metric value of {line:?}: {e}"));
-        let (name, labels) = match series.split_once('{') {
-            None => (series.to_string(), BTreeMap::new()),
-            Some((name, rest)) => {
-                let body = rest
-                    .strip_suffix('}')
-                    .unwrap_or_else(|| panic!("unterminated labels: {line:?}"));
-                (name.to_string(), parse_labels(body, line))
-            }
-        };
-        samples.push(Sample {
-            name,
-            labels,
-            value,
-        });
-    }
-    samples
-}
-
-fn parse_labels(body: &str, line: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    let mut chars = body.chars().peekable();
-    loop {
-        while chars.peek() == Some(&',') || chars.peek() == Some(&' ') {
-            chars.next();
-        }
-        if chars.peek().is_none() {
-            return labels;
-        }
-        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-        assert_eq!(chars.next(), Some('"'), "label value not quoted: {line:?}");
-        let mut value = String::new();
-        loop {
-            match chars.next() {
-                Some('\\') => match chars.next() {
-                    Some('n') => value.push('\n'),
-                    Some(c) => value.push(c),
-                    None => panic!("dangling escape: {line:?}"),
-                },
-                Some('"') => break,
-                Some(c) => value.push(c),
-                None => panic!("unterminated label value: {line:?}"),
-            }
-        }
-        labels.insert(key.trim().to_string(), value);
-    }
-}
-
-/// The value of the series `name` whose label set is exactly `labels`.
-fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let want: BTreeMap<String, String> = labels
-        .iter()
-        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-        .collect();
-    let found: Vec<_> = samples
-        .iter()
-        .filter(|s| s.name == name && s.labels == want)
-        .collect();
-    assert!(found.len() <= 1, "duplicate series {name}{want:?}");
-    found.first().map(|s| s.value)
-}
-
 async fn scrape(bff: &Bff) -> Vec<Sample> {
-    let reply = http::get(&bff.admin_url("/metrics")).await;
-    assert_eq!(reply.status, 200, "/metrics: {}", reply.text());
-    parse_metrics(&reply.text())
+    parse_metrics(&metrics_text(bff).await)
 }
 
 fn reloads(samples: &[Sample], result: &str) -> f64 {
-    metric(samples, "bff_policy_reloads_total", &[("result", result)]).unwrap_or(0.0)
+    series(samples, "bff_policy_reloads_total", &[("result", result)]).unwrap_or(0.0)
 }
 
 /// Polls `/metrics` until `bff_policy_reloads_total{result}` is at least `at_least`; returns it.
@@ -310,7 +225,7 @@ async fn admin_port_reports_health_metrics_and_policy() {
     // Nothing counted before the first request.
     let before = scrape(&bff).await;
     assert_eq!(
-        metric(
+        series(
             &before,
             "bff_requests_total",
             &[
@@ -338,18 +253,18 @@ async fn admin_port_reports_health_metrics_and_policy() {
         RELOAD_WAIT,
         || async {
             let s = scrape(&bff).await;
-            metric(&s, "bff_requests_total", &labels).map(|_| s)
+            series(&s, "bff_requests_total", &labels).map(|_| s)
         },
     )
     .await;
-    assert_eq!(metric(&samples, "bff_requests_total", &labels), Some(1.0));
+    assert_eq!(series(&samples, "bff_requests_total", &labels), Some(1.0));
     let route = [("client", "mobile"), ("route", "order-detail")];
     assert_eq!(
-        metric(&samples, "bff_request_duration_seconds_count", &route),
+        series(&samples, "bff_request_duration_seconds_count", &route),
         Some(1.0),
         "histogram count of the route"
     );
-    let sum = metric(&samples, "bff_request_duration_seconds_sum", &route)
+    let sum = series(&samples, "bff_request_duration_seconds_sum", &route)
         .expect("bff_request_duration_seconds_sum of the route");
     assert!(sum > 0.0 && sum < 10.0, "duration sum {sum}");
     let inf = [
@@ -358,7 +273,7 @@ async fn admin_port_reports_health_metrics_and_policy() {
         ("le", "+Inf"),
     ];
     assert_eq!(
-        metric(&samples, "bff_request_duration_seconds_bucket", &inf),
+        series(&samples, "bff_request_duration_seconds_bucket", &inf),
         Some(1.0)
     );
     let text = http::get(&bff.admin_url("/metrics")).await.text();
@@ -717,7 +632,7 @@ async fn sigterm_drains_the_request_in_flight_then_exits() {
     )
     .await;
     let samples = scrape(&bff).await;
-    assert_eq!(metric(&samples, "bff_in_flight_requests", &[]), Some(1.0));
+    assert_eq!(series(&samples, "bff_in_flight_requests", &[]), Some(1.0));
 
     let termed = Instant::now();
     bff.signal("TERM");
