@@ -181,26 +181,20 @@ impl Flight {
 struct InFlight(Arc<State>);
 
 impl InFlight {
-    fn enter(state: &Arc<State>) -> Self {
+    /// Counts the request in, and with `hold: Some(n)` returns what releases it once `n`
+    /// requests are in flight at once. Both under one lock: a request counted but not yet
+    /// waiting could otherwise miss the moment the count was reached.
+    fn enter(state: &Arc<State>, hold: Option<usize>) -> (Self, Option<oneshot::Receiver<()>>) {
         let mut flight = state.flight.lock().unwrap();
         flight.now += 1;
         flight.max = flight.max.max(flight.now);
-        flight.release();
-        InFlight(state.clone())
-    }
-
-    /// Waits until `n` requests are in flight at once (at once if they are now).
-    async fn hold_until(&self, n: usize) {
-        let released = {
-            let mut flight = self.0.flight.lock().unwrap();
-            if flight.now >= n {
-                return;
-            }
+        let released = hold.filter(|n| flight.now < *n).map(|n| {
             let (release, released) = oneshot::channel();
             flight.held.push((n, release));
             released
-        };
-        let _ = released.await;
+        });
+        flight.release();
+        (InFlight(state.clone()), released)
     }
 }
 
@@ -333,11 +327,10 @@ async fn handle(
         body,
     };
     state.requests.lock().unwrap().push(recorded.clone());
-    let in_flight = InFlight::enter(&state);
-
     let reply = (state.handler)(recorded);
-    if let Some(n) = reply.hold_until {
-        in_flight.hold_until(n).await;
+    let (in_flight, held) = InFlight::enter(&state, reply.hold_until);
+    if let Some(released) = held {
+        let _ = released.await;
     }
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
