@@ -87,10 +87,14 @@ pub async fn run(
             });
         }
     }
-    Ok(done
-        .into_iter()
+    Ok(sections(done))
+}
+
+/// The sections in fetch order; a fetch that never finished holds its fallback.
+fn sections(done: Vec<Option<Done>>) -> Vec<Section> {
+    done.into_iter()
         .map(|d| d.map_or(Section::Degraded, |d| d.section))
-        .collect())
+        .collect()
 }
 
 type Projected = (Vec<u8>, Option<Value>);
@@ -127,9 +131,7 @@ fn start<'a>(
         .inputs
         .render(&fetch.path, parent)
         .map_err(|e| fail(e.to_string()))?;
-    let client = upstreams
-        .get(&fetch.upstream.name)
-        .ok_or_else(|| fail("upstream has no client".into()))?;
+    let client = upstreams.client(&fetch.upstream)?;
     let keeps_doc = fetches.iter().any(|f| f.parents.contains(&index));
     let call = Call {
         method: Method::GET,
@@ -234,8 +236,5 @@ fn overrun(
     if critical {
         return Err(RouteFailure::Deadline);
     }
-    Ok(done
-        .into_iter()
-        .map(|d| d.map_or(Section::Degraded, |d| d.section))
-        .collect())
+    Ok(sections(done))
 }

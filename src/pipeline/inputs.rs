@@ -64,6 +64,11 @@ impl<'a> Inputs<'a> {
             _ => self.value(var, |_| None),
         })
         .map_err(|e| code_for(&e))?;
+        self.check_headers(upstream)
+    }
+
+    /// Checks that the upstream's `headers` have the claims they use.
+    pub fn check_headers(&self, upstream: &Upstream) -> Result<(), ErrorCode> {
         for (_, template) in &upstream.headers {
             template
                 .render(|var| self.value(var, |_| None))

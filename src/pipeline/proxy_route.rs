@@ -12,7 +12,7 @@ use super::respond;
 use crate::envelope::{Envelope, ErrorCode};
 use crate::policy::{ProxyTarget, Route};
 use crate::proxy::{RequestCtx, Shared};
-use crate::upstream::{self, Call, CallError, Caller, Upstreams};
+use crate::upstream::{Call, CallError, Caller, Upstreams};
 
 /// Largest request body a `proxy` route forwards.
 pub const MAX_REQUEST_BODY: usize = 1 << 20;
@@ -65,12 +65,12 @@ async fn call(
     let request = session.req_header();
     let query = request.uri.query().unwrap_or("");
     let inputs = Inputs::of(ctx, query);
-    inputs
-        .check(&target.path, &target.upstream)
-        .map_err(Failure::Client)?;
     let path = inputs
         .render(&target.path, |_| None)
         .map_err(|e| Failure::Client(inputs::code_for(&e)))?;
+    inputs
+        .check_headers(&target.upstream)
+        .map_err(Failure::Client)?;
     let mut headers = HeaderMap::new();
     for name in FORWARDED_HEADERS {
         if let Some(value) = request.headers.get(name) {
@@ -79,12 +79,9 @@ async fn call(
     }
     let method = request.method.clone();
     let body = read_body(session).await?;
-    let client = upstreams.get(&target.upstream.name).ok_or_else(|| {
-        Failure::Upstream(CallError {
-            upstream: target.upstream.name.clone(),
-            failure: upstream::Failure::Request("upstream has no client".into()),
-        })
-    })?;
+    let client = upstreams
+        .client(&target.upstream)
+        .map_err(Failure::Upstream)?;
     let caller = Caller {
         route: &route.name,
         dependency: &target.upstream.name,

@@ -111,8 +111,10 @@ pub enum Failure {
 impl Failure {
     pub fn outcome(&self) -> Outcome {
         match self {
-            Failure::Connect(_) | Failure::Transport(_) | Failure::Status(_) => Outcome::Error,
-            Failure::Request(_) => Outcome::Error,
+            Failure::Connect(_)
+            | Failure::Transport(_)
+            | Failure::Status(_)
+            | Failure::Request(_) => Outcome::Error,
             Failure::Timeout(_) => Outcome::Timeout,
             Failure::BadBody(_) => Outcome::BadBody,
             Failure::CircuitOpen => Outcome::CircuitOpen,
@@ -276,8 +278,12 @@ impl Upstreams {
         )
     }
 
-    pub fn get(&self, name: &str) -> Option<&UpstreamClient> {
-        self.0.get(name)
+    /// The client of an upstream of the same policy (`build` made one for each).
+    pub fn client(&self, upstream: &Upstream) -> Result<&UpstreamClient, CallError> {
+        self.0.get(&upstream.name).ok_or_else(|| CallError {
+            upstream: upstream.name.clone(),
+            failure: Failure::Request("upstream has no client".into()),
+        })
     }
 }
 
