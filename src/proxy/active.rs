@@ -5,7 +5,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use crate::metrics::Metrics;
-use crate::pipeline::auth::Verifier;
+use crate::pipeline::auth::{ApiKeys, Verifier};
 use crate::policy::Policy;
 use crate::upstream::Upstreams;
 
@@ -13,8 +13,10 @@ pub struct Active {
     pub policy: Policy,
     /// One client stack per upstream, shared by every route.
     pub upstreams: Upstreams,
-    /// Verifies client tokens when the policy has `auth`.
+    /// Verifies client tokens when the policy has `auth.jwt`.
     pub verifier: Option<Arc<Verifier>>,
+    /// Knows the partners' keys when the policy has `auth.api_key`.
+    pub api_keys: Option<ApiKeys>,
 }
 
 impl Active {
@@ -22,22 +24,33 @@ impl Active {
     /// when the `auth` section did not change.
     pub fn new(policy: Policy, metrics: &Arc<Metrics>, previous: Option<&Active>) -> Active {
         let upstreams = Upstreams::build(&policy, metrics);
-        let verifier = policy.auth.as_ref().map(|auth| {
+        let auth = policy.auth.as_ref();
+        let verifier = auth.and_then(|a| a.jwt.as_ref()).map(|jwt| {
             previous
-                .filter(|p| p.policy.auth.as_ref() == Some(auth))
+                .filter(|p| p.policy.auth.as_ref().and_then(|a| a.jwt.as_ref()) == Some(jwt))
                 .and_then(|p| p.verifier.clone())
-                .unwrap_or_else(|| Arc::new(Verifier::new(auth)))
+                .unwrap_or_else(|| Arc::new(Verifier::new(jwt)))
         });
+        let api_keys = auth.and_then(|a| a.api_key.as_ref()).map(ApiKeys::new);
         Active {
             policy,
             upstreams,
             verifier,
+            api_keys,
         }
     }
 
     /// Ready to serve: the client tokens' keys are loaded (when there is `auth`).
     pub fn has_keys(&self) -> bool {
         self.verifier.as_ref().is_none_or(|v| v.has_keys())
+    }
+
+    /// Re-reads the files that Kubernetes rotates in place (API keys), keeping the last good
+    /// content when a new one is invalid.
+    pub fn refresh_files(&self) {
+        if let Some(keys) = &self.api_keys {
+            keys.refresh();
+        }
     }
 
     /// Loads the token keys unless they are loaded already.
