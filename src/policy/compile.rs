@@ -676,10 +676,12 @@ fn compile_route(
     let method = diags.check(&spec.method.referenced, parse_method(&spec.method.value));
     let params = diags.check(&spec.path.referenced, path_params(&spec.path.value));
     let (auth, scopes) = compile_route_auth(&name, &spec.auth, spec.scopes, identities, diags);
+    let has_auth = identities.jwt || identities.api_key;
     let scope = TemplateScope {
         params: params.as_deref(),
         identities,
-        auth_none: auth == RouteAuth::None,
+        // Without the policy's `auth`, identity variables are refused for that reason instead.
+        auth_none: auth == RouteAuth::None && has_auth,
         fetch_vars: spec.fetch.is_some(),
     };
 
@@ -766,7 +768,7 @@ fn compile_route(
         }
     };
 
-    if auth == RouteAuth::None {
+    if scope.auth_none {
         let upstreams: Vec<&Upstream> = match &action {
             Action::Fetch(fetches) => fetches.iter().map(|f| &*f.upstream).collect(),
             Action::Proxy(target) => vec![&*target.upstream],
