@@ -64,6 +64,9 @@ const DEMO_SUB: &str = "usr_9821";
 const WALK_SUB: &str = "usr_4242";
 /// How long a demo token is valid.
 const TOKEN_TTL_SECS: u64 = 3600;
+/// The partner key the demo prints for a policy with `auth.api_key`. Like the signing key below
+/// it is public: `policies/partner-keys.txt` lists its SHA-256 for the demo partner.
+const DEMO_API_KEY: &str = "demo-partner-key";
 
 // THE DEMO'S SIGNING KEY. A throwaway P-256 key pair generated for `bff demo` with
 //   openssl ecparam -genkey -noout -name prime256v1 | openssl pkcs8 -topk8 -nocrypt
@@ -720,7 +723,8 @@ fn demo_jwks() -> Value {
     }]})
 }
 
-/// The tokens the banner prints, or why there are none.
+/// The credentials the banner prints, or why there are none.
+#[derive(Debug, PartialEq)]
 enum DemoAuth {
     /// The policy has no `auth.jwt`: no token needed.
     Open,
@@ -730,12 +734,22 @@ enum DemoAuth {
         walk: String,
         signed: String,
     },
+    /// The policy takes partner API keys: the demo's key, and the header it goes in.
+    ApiKey { header: String },
     /// The demo cannot sign a token this policy accepts, for this reason.
     Unavailable(String),
 }
 
 impl DemoAuth {
     fn for_policy(policy: &Value, now: u64) -> DemoAuth {
+        if let Some(header) = policy
+            .pointer("/auth/api_key/header")
+            .and_then(Value::as_str)
+        {
+            return DemoAuth::ApiKey {
+                header: header.to_string(),
+            };
+        }
         let Some(jwt) = policy.pointer("/auth/jwt") else {
             return DemoAuth::Open;
         };
@@ -939,18 +953,20 @@ fn banner(
         .map(RouteInfo::new)
         .collect();
     let base = format!("http://{listen}");
-    // A curl to the sidecar, with the client's token when the policy wants one.
+    // The curl option that sends the client's credential, when the policy wants one.
+    let credential = |token: &str| match auth {
+        DemoAuth::Tokens { .. } => format!(" -H \"Authorization: Bearer {token}\""),
+        DemoAuth::ApiKey { header } => format!(" -H \"{header}: {DEMO_API_KEY}\""),
+        _ => String::new(),
+    };
+    // A curl to the sidecar, with the client's credential.
     let with_token = |method: &str, path: &str, token: &str| {
         let flag = if method == "GET" {
             String::new()
         } else {
             format!("-X {method} ")
         };
-        let header = match auth {
-            DemoAuth::Tokens { .. } => format!(" -H \"Authorization: Bearer {token}\""),
-            _ => String::new(),
-        };
-        format!("  curl -i {flag}{base}{path}{header}\n")
+        format!("  curl -i {flag}{base}{path}{}\n", credential(token))
     };
     let curl = |method: &str, path: &str| with_token(method, path, "$TOKEN");
 
@@ -972,6 +988,11 @@ fn banner(
             out += &format!("  TOKEN={main}\n  TOKEN2={walk}\n");
             out += &format!(
                 "  # TOKEN is user {DEMO_SUB}; TOKEN2 is user {WALK_SUB}, for the degradation walk-through\n"
+            );
+        }
+        DemoAuth::ApiKey { header } => {
+            out += &format!(
+                "\nDemo partner key: {DEMO_API_KEY} (sent in {header}; the keys file holds only its SHA-256).\n"
             );
         }
         DemoAuth::Unavailable(why) => {
@@ -1054,19 +1075,16 @@ fn banner(
             out += &curl("DELETE", &path);
         }
     }
-    if let (DemoAuth::Tokens { .. }, Some(route)) = (auth, routes.first()) {
-        out += "  # no token → the 401 envelope\n";
+    if let (DemoAuth::Tokens { .. } | DemoAuth::ApiKey { .. }, Some(route)) = (auth, routes.first())
+    {
+        out += "  # no credential → the 401 envelope\n";
         out += &format!("  curl -i {base}{}\n", route.sample_path());
     }
     match str_at(policy, "/fallthrough") {
         Some(app) => {
             out += &format!("  # anything else falls through to `{app}` unchanged, streams too\n");
             out += &curl("GET", "/");
-            let header = match auth {
-                DemoAuth::Tokens { .. } => " -H \"Authorization: Bearer $TOKEN\"",
-                _ => "",
-            };
-            out += &format!("  curl -N {base}/events{header}\n");
+            out += &format!("  curl -N {base}/events{}\n", credential("$TOKEN"));
         }
         None => {
             out += "  # no fallthrough: anything else is the 404 envelope\n";
@@ -1074,7 +1092,13 @@ fn banner(
         }
     }
 
-    out += &degrade_walk(policy, &aggregated, |path| {
+    let walk_note = match auth {
+        DemoAuth::Tokens { .. } => {
+            "These use TOKEN2: the policy caches a complete page per user, and a hit would hide the failure.\n"
+        }
+        _ => "",
+    };
+    out += &degrade_walk(policy, &aggregated, walk_note, |path| {
         with_token("GET", path, "$TOKEN2")
     });
     out += &format!(
@@ -1091,6 +1115,7 @@ fn banner(
 fn degrade_walk(
     policy: &Value,
     aggregated: &[&RouteInfo],
+    note: &str,
     curl: impl Fn(&str) -> String,
 ) -> String {
     let has_mock = |upstream: &str| Mock::for_upstream(upstream).is_some_and(|m| m.is_data());
@@ -1389,6 +1414,21 @@ mod tests {
             DemoAuth::for_policy(&json!({}), 0),
             DemoAuth::Open
         ));
+    }
+
+    #[test]
+    fn the_partner_policy_takes_the_demo_key() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let text = std::fs::read_to_string(dir.join("partner.yaml")).unwrap();
+        let policy: Value = serde_saphyr::from_str(&text).unwrap();
+        assert_eq!(
+            DemoAuth::for_policy(&policy, 0),
+            DemoAuth::ApiKey {
+                header: "X-Api-Key".into()
+            }
+        );
+        let keys = crate::pipeline::auth::ApiKeySet::read(&dir.join("partner-keys.txt")).unwrap();
+        assert_eq!(keys.find(DEMO_API_KEY.as_bytes()).as_deref(), Some("demo"));
     }
 
     #[test]
