@@ -1154,8 +1154,7 @@ fn degrade_walk(
     let mut out = format!(
         "\nWatch it degrade. Every data mock obeys control requests on its own port:\n\
          POST {CONTROL_PATH}?fail=1 (answer 503), ?delay_ms=N (answer N ms late), ?hang=1 (never \
-         answer), combined as ?fail=1&delay_ms=300; POST {CONTROL_PATH} alone is back to normal.\n\
-         These use TOKEN2: the policy caches a complete page per user, and a hit would hide the failure.\n"
+         answer), combined as ?fail=1&delay_ms=300; POST {CONTROL_PATH} alone is back to normal.\n{note}"
     );
     out += &format!(
         "  # 1. `{upstream}` fails: still 200, with meta.degraded: true, X-BFF-Degraded: {section}, and {section} holds its fallback\n"
