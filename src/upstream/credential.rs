@@ -189,15 +189,18 @@ impl<T: PartialEq> Rotating<T> {
 
 impl<T> fmt::Debug for Rotating<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Rotating({}.{}: {:?})", self.upstream, self.key, self.source)
+        write!(
+            f,
+            "Rotating({}.{}: {:?})",
+            self.upstream, self.key, self.source
+        )
     }
 }
 
 /// A credential header's value as read from its file (the message names no part of it).
 fn header_value(text: String) -> Result<HeaderValue, String> {
     let mut value = HeaderValue::from_str(&text).map_err(|_| {
-        "the value read is not a valid header value (no control characters or newlines)"
-            .to_string()
+        "the value read is not a valid header value (no control characters or newlines)".to_string()
     })?;
     value.set_sensitive(true);
     Ok(value)
@@ -213,6 +216,8 @@ fn client_secret(text: String) -> Result<String, String> {
 /// A bearer token, as the `Authorization` header value it is sent in.
 pub struct Token {
     header: HeaderValue,
+    /// When it was asked for.
+    fetched_at: Instant,
     /// From then on the next call fetches a new token...
     refresh_at: Instant,
     /// ...and this one may still be used until then if that fetch fails.
@@ -223,6 +228,7 @@ impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Token")
             .field("header", &"<redacted>")
+            .field("fetched_at", &self.fetched_at)
             .field("refresh_at", &self.refresh_at)
             .field("expires_at", &self.expires_at)
             .finish()
@@ -272,10 +278,7 @@ impl TokenSource {
         let endpoint = format!(
             "{}://{}{}",
             policy.token_url.scheme_str().unwrap_or("http"),
-            policy
-                .token_url
-                .authority()
-                .map_or("", |a| a.as_str()),
+            policy.token_url.authority().map_or("", |a| a.as_str()),
             policy.token_url.path()
         );
         TokenSource {
@@ -314,7 +317,10 @@ impl TokenSource {
         let mut last_failure = tokio::time::timeout_at(until, self.fetching.lock())
             .await
             .map_err(|_| timed_out())?;
-        if let Some(token) = self.fresh(Instant::now()) {
+        // Fetched while this call waited: used even if its lifetime is so short that it is due
+        // for refresh already, or every waiting call would fetch one in turn.
+        let waited_for = self.cached.load_full().filter(|t| t.fetched_at >= asked);
+        if let Some(token) = waited_for.or_else(|| self.fresh(Instant::now())) {
             return Ok(token);
         }
         let failure = match last_failure.as_ref().filter(|f| f.at >= asked) {
@@ -398,7 +404,9 @@ impl TokenSource {
             .map(|collected| collected.to_bytes())
             .map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
-                    format!("the token endpoint {endpoint} answered more than {MAX_TOKEN_ANSWER} bytes")
+                    format!(
+                        "the token endpoint {endpoint} answered more than {MAX_TOKEN_ANSWER} bytes"
+                    )
                 } else {
                     format!("reading the token endpoint {endpoint}'s answer: {e}")
                 }
@@ -454,6 +462,7 @@ fn read_token(body: &[u8], sent: Instant) -> Result<Token, String> {
     let margin = REFRESH_MARGIN.min(lifetime / 10);
     Ok(Token {
         header,
+        fetched_at: sent,
         refresh_at: sent + (lifetime - margin),
         expires_at: sent + lifetime,
     })
@@ -488,7 +497,10 @@ mod tests {
 
     #[test]
     fn form_encoding_follows_the_html_rules() {
-        assert_eq!(form_encode("a b+c%20:d/é*-._~"), "a+b%2Bc%2520%3Ad%2F%C3%A9*-._%7E");
+        assert_eq!(
+            form_encode("a b+c%20:d/é*-._~"),
+            "a+b%2Bc%2520%3Ad%2F%C3%A9*-._%7E"
+        );
     }
 
     #[test]
