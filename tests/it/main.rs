@@ -2,6 +2,7 @@
 
 mod check;
 mod claims;
+mod credentials;
 mod fanout;
 mod harness_selftest;
 mod hostile;
