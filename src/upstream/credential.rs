@@ -30,6 +30,8 @@ const MAX_TOKEN_ANSWER: usize = 64 << 10;
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// Longest lifetime believed, so a silly `expires_in` cannot overflow a clock.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// After a failed token fetch, calls in this window get its failure instead of another fetch.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// A token is refreshed this long before it expires, or a tenth of its lifetime before if that
 /// is sooner, so calls under way when it is refreshed still carry a valid one.
 const REFRESH_MARGIN: Duration = Duration::from_secs(60);
@@ -314,18 +316,30 @@ impl TokenSource {
             )
         };
         let until = tokio::time::Instant::from_std(deadline);
-        let mut last_failure = tokio::time::timeout_at(until, self.fetching.lock())
-            .await
-            .map_err(|_| timed_out())?;
+        let mut last_failure = match self.fetching.try_lock() {
+            Ok(guard) => guard,
+            // Another call is fetching: a token that has not expired yet serves meanwhile.
+            Err(_) => match self.unexpired() {
+                Some(token) => return Ok(token),
+                None => tokio::time::timeout_at(until, self.fetching.lock())
+                    .await
+                    .map_err(|_| timed_out())?,
+            },
+        };
         // Fetched while this call waited: used even if its lifetime is so short that it is due
         // for refresh already, or every waiting call would fetch one in turn.
         let waited_for = self.cached.load_full().filter(|t| t.fetched_at >= asked);
         if let Some(token) = waited_for.or_else(|| self.fresh(Instant::now())) {
             return Ok(token);
         }
-        let failure = match last_failure.as_ref().filter(|f| f.at >= asked) {
-            // The fetch this call waited for failed: no second try for the same moment.
-            Some(failed) => failed.reason.clone(),
+        // The fetch this call waited for failed, or one failed a moment ago: its answer stands,
+        // so a token endpoint in trouble gets one request per moment, not one per call.
+        let shared = last_failure
+            .as_ref()
+            .filter(|f| f.at >= asked || f.at.elapsed() < RETRY_AFTER_FAILURE)
+            .map(|f| f.reason.clone());
+        let failure = match shared {
+            Some(reason) => reason,
             None => {
                 let fetched = tokio::time::timeout_at(until, self.fetch())
                     .await
@@ -342,20 +356,22 @@ impl TokenSource {
                             at: Instant::now(),
                             reason: reason.clone(),
                         });
+                        if self.unexpired().is_some() {
+                            warn!(upstream = %self.upstream, %reason, "OAuth2 token not refreshed; the current one is used until it expires");
+                        }
                         reason
                     }
                 }
             }
         };
         // A token due for refresh may not have expired yet: better than failing the call.
+        self.unexpired().ok_or(failure)
+    }
+
+    /// The cached token if it has not expired (it may be due for refresh).
+    fn unexpired(&self) -> Option<Arc<Token>> {
         let now = Instant::now();
-        match self.cached.load_full().filter(|t| now < t.expires_at) {
-            Some(token) => {
-                warn!(upstream = %self.upstream, reason = %failure, "OAuth2 token not refreshed; the current one is used until it expires");
-                Ok(token)
-            }
-            None => Err(failure),
-        }
+        self.cached.load_full().filter(|t| now < t.expires_at)
     }
 
     fn fresh(&self, now: Instant) -> Option<Arc<Token>> {

@@ -737,3 +737,42 @@ async fn a_slow_token_endpoint_fails_the_call_within_its_timeout() {
     log_line(&bff, &["upstream `svc`", "within the call's timeout"]).await;
     assert_eq!(upstream.requests().len(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_refresh_keeps_using_the_token_until_it_expires() {
+    // tok-1 lives 10 s (due for refresh after 9 s); every later request fails.
+    let issued = Arc::new(AtomicUsize::new(0));
+    let counter = issued.clone();
+    let tokens = MockServer::start(move |_| {
+        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+            MockReply::json(
+                200,
+                json!({"access_token": "tok-1", "token_type": "Bearer", "expires_in": 10}),
+            )
+        } else {
+            MockReply::json(500, json!({"error": "server_error"}))
+        }
+    });
+    let upstream = echo();
+    let policy = oauth2_bff_policy(&upstream, &tokens.url(), &upstream);
+    let bff = start(&policy).await;
+    let jwt = client_token();
+
+    // Until the refresh has failed (and been logged), every call still succeeds with tok-1.
+    let started = Instant::now();
+    while !bff.logs().contains("OAuth2 token not refreshed") {
+        let reply = get(&bff, "/page", &jwt).await;
+        assert_eq!(reply.status, 200, "{}\n{}", reply.text(), bff.logs());
+        let seen = upstream.requests().pop().expect("a call");
+        assert_eq!(seen.header("authorization"), Some("Bearer tok-1"));
+        assert!(
+            started.elapsed() < WAIT,
+            "no failed refresh:\n{}",
+            bff.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(issued.load(Ordering::SeqCst) >= 2);
+    log_line(&bff, &["svc", "answered 500 (server_error)"]).await;
+    assert_no_leak(&bff, &[], &["tok-1", CLIENT_SECRET]);
+}
