@@ -23,8 +23,9 @@ use crate::proxy::{Bff, Shared};
 /// How often missing token keys are fetched again.
 const KEY_RETRY: Duration = Duration::from_secs(2);
 
-/// How often the policy file is compared with the one in force. Polling the content (not
-/// inotify) also sees Kubernetes ConfigMap updates, which swap a symlinked directory.
+/// How often the policy file is compared with the one in force, and the upstreams' secret
+/// files are read again. Polling the content (not inotify) also sees Kubernetes ConfigMap and
+/// Secret updates, which swap a symlinked directory.
 const POLICY_POLL: Duration = Duration::from_secs(1);
 
 pub struct RunOptions {
@@ -175,7 +176,8 @@ impl BackgroundService for PolicyWatch {
                         seen = now;
                         self.reload("file changed").await;
                     }
-                    // Small files, read on this background thread, not on a request's path.
+                    // Mounted secrets rotate without the policy changing. Small files, read
+                    // on this background task, never on a request's path.
                     self.shared.policy.load().refresh_files();
                 }
             }

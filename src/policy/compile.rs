@@ -16,7 +16,8 @@ use super::secrets;
 use super::template::{Template, Var};
 use super::{
     Action, ApiKeyAuth, Auth, BreakerPolicy, CachePolicy, Credential, CriticalFailure, Diagnostic,
-    Fetch, JwtAuth, KeySource, Policy, ProxyTarget, RetryPolicy, Route, RouteAuth, Upstream,
+    Fetch, JwtAuth, KeySource, OAuth2Client, Policy, ProxyTarget, RetryPolicy, Route, RouteAuth,
+    SecretText, Upstream,
 };
 use crate::pipeline::auth::ApiKeySet;
 use crate::pipeline::route::RouteTable;
@@ -370,29 +371,29 @@ fn compile_upstream(
         Some(b) => compile_breaker(name, b, diags),
         None => Some(BreakerPolicy::default()),
     };
-    let credential = spec.credential.and_then(|c| {
-        let c = c.value;
-        let header = diags.check(
-            &c.header.referenced,
-            HeaderName::from_bytes(c.header.value.as_bytes())
-                .map_err(|_| format!("`{}` is not a valid header name", c.header.value)),
-        )?;
-        let value = diags.check(
-            &c.value.referenced,
-            secrets::resolve(&c.value.value, base_dir),
-        )?;
-        let mut value = diags.check(
-            &c.value.referenced,
-            HeaderValue::from_str(&value)
-                .map_err(|_| "credential value is not a valid header value".to_string()),
-        )?;
-        value.set_sensitive(true);
-        Some(Credential { header, value })
+    let has_credential = spec.credential.is_some();
+    let credential = spec
+        .credential
+        .and_then(|c| compile_credential(c.value, base_dir, diags));
+    let oauth2 = spec.oauth2.and_then(|o| {
+        if has_credential {
+            diags.at(
+                &o.referenced,
+                format!("upstream `{name}`: `oauth2` and `credential` cannot both be given: an upstream gets one machine credential"),
+            );
+        }
+        compile_oauth2(name, o, base_dir, diags)
     });
+    // The header the machine credential goes in, and which key sets it.
+    let machine_header = match (&credential, &oauth2) {
+        (Some(c), _) => Some((c.header.clone(), "credential")),
+        (None, Some(_)) => Some((http::header::AUTHORIZATION, "oauth2")),
+        (None, None) => None,
+    };
     let headers = compile_upstream_headers(
         name,
         &spec.headers,
-        credential.as_ref().map(|c| &c.header),
+        machine_header.as_ref().map(|(h, key)| (h, *key)),
         identities,
         diags,
     );
@@ -410,6 +411,134 @@ fn compile_upstream(
         circuit_breaker,
         headers,
         credential,
+        oauth2,
+    })
+}
+
+fn compile_credential(
+    spec: raw::RawCredential,
+    base_dir: &Path,
+    diags: &mut Diagnostics,
+) -> Option<Credential> {
+    let header = diags.check(
+        &spec.header.referenced,
+        HeaderName::from_bytes(spec.header.value.as_bytes())
+            .map_err(|_| format!("`{}` is not a valid header name", spec.header.value)),
+    )?;
+    let source = compile_secret(&spec.value, base_dir, diags)?;
+    let mut value = diags.check(
+        &spec.value.referenced,
+        HeaderValue::from_str(&source.resolved)
+            .map_err(|_| "credential value is not a valid header value".to_string()),
+    )?;
+    value.set_sensitive(true);
+    Some(Credential {
+        header,
+        value,
+        source,
+    })
+}
+
+/// A value that may refer to secrets, kept with what resolving it again takes.
+fn compile_secret(
+    spec: &Spanned<String>,
+    base_dir: &Path,
+    diags: &mut Diagnostics,
+) -> Option<SecretText> {
+    let resolved = diags.check(&spec.referenced, secrets::resolve(&spec.value, base_dir))?;
+    Some(SecretText {
+        written: spec.value.clone(),
+        base_dir: base_dir.to_path_buf(),
+        resolved,
+    })
+}
+
+fn compile_oauth2(
+    name: &str,
+    spec: Spanned<raw::RawOAuth2>,
+    base_dir: &Path,
+    diags: &mut Diagnostics,
+) -> Option<OAuth2Client> {
+    let at = spec.referenced;
+    let spec = spec.value;
+    let mut required = |value: Option<Spanned<String>>, key: &str, what: &str| {
+        if value.is_none() {
+            diags.at(
+                &at,
+                format!("upstream `{name}`: `oauth2` needs `{key}`: {what}"),
+            );
+        }
+        value
+    };
+    let token_url = required(
+        spec.token_url,
+        "token_url",
+        "the URL tokens are requested from",
+    );
+    let client_id = required(
+        spec.client_id,
+        "client_id",
+        "the sidecar's client identifier at the token endpoint",
+    );
+    let client_secret = required(
+        spec.client_secret,
+        "client_secret",
+        "the sidecar's secret at the token endpoint (`${file:PATH}` or `${env:NAME}`)",
+    );
+    let token_url = token_url.and_then(|url| {
+        let text = diags.check(&url.referenced, secrets::resolve(&url.value, base_dir))?;
+        let parsed = text.parse::<Uri>().ok().filter(|uri| {
+            matches!(uri.scheme_str(), Some("http" | "https"))
+                && uri.host().is_some_and(|h| !h.is_empty())
+        });
+        if parsed.is_none() {
+            diags.at(
+                &url.referenced,
+                format!("upstream `{name}`: `oauth2.token_url` `{text}` must be an http:// or https:// URL with a host"),
+            );
+        }
+        parsed
+    });
+    let client_id = client_id.and_then(|id| {
+        let value = diags.check(&id.referenced, secrets::resolve(&id.value, base_dir))?;
+        if value.is_empty() || value.chars().any(char::is_control) {
+            diags.at(
+                &id.referenced,
+                format!("upstream `{name}`: `oauth2.client_id` must be non-empty text without control characters"),
+            );
+        }
+        Some(value)
+    });
+    let client_secret = client_secret.and_then(|secret| {
+        let source = compile_secret(&secret, base_dir, diags)?;
+        if source.resolved.is_empty() {
+            diags.at(
+                &secret.referenced,
+                format!("upstream `{name}`: `oauth2.client_secret` is empty"),
+            );
+        }
+        Some(source)
+    });
+    let scope = spec.scope.map(|scope| {
+        // RFC 6749 §3.3: scope tokens of printable ASCII except `"` and `\`, space-separated.
+        let token_ok = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+        };
+        if !scope.value.split(' ').all(token_ok) {
+            diags.at(
+                &scope.referenced,
+                format!("upstream `{name}`: `oauth2.scope` must be scope names separated by single spaces (printable ASCII, no `\"` or `\\`)"),
+            );
+        }
+        scope.value
+    });
+    Some(OAuth2Client {
+        token_url: token_url?,
+        client_id: client_id?,
+        client_secret: client_secret?,
+        scope,
     })
 }
 
@@ -590,7 +719,7 @@ fn reserved_header(header: &HeaderName) -> Option<&'static str> {
 fn compile_upstream_headers(
     name: &str,
     spec: &raw::Named<String>,
-    credential: Option<&HeaderName>,
+    machine_header: Option<(&HeaderName, &str)>,
     identities: Identities,
     diags: &mut Diagnostics,
 ) -> Vec<(HeaderName, Template)> {
@@ -611,10 +740,10 @@ fn compile_upstream_headers(
             );
             continue;
         }
-        if credential == Some(&parsed) {
+        if let Some((_, key)) = machine_header.filter(|(h, _)| **h == parsed) {
             diags.at(
                 &header.referenced,
-                format!("{what} is the upstream's `credential` header; set it there"),
+                format!("{what} carries the upstream's machine credential; `{key}` sets it"),
             );
             continue;
         }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderName, HeaderValue, Method, Uri};
 use indexmap::IndexMap;
 
 use crate::pipeline::route::RouteTable;
@@ -86,7 +86,9 @@ pub struct Upstream {
     pub circuit_breaker: Option<BreakerPolicy>,
     /// Extra request headers; their templates may only use `{jwt.*}`.
     pub headers: Vec<(HeaderName, Template)>,
+    /// A header with a secret value, or (never both) `oauth2` tokens.
     pub credential: Option<Credential>,
+    pub oauth2: Option<OAuth2Client>,
 }
 
 impl Upstream {
@@ -139,12 +141,55 @@ impl Default for BreakerPolicy {
 #[derive(Clone)]
 pub struct Credential {
     pub header: HeaderName,
+    /// The value resolved at load (marked sensitive).
     pub value: HeaderValue,
+    /// What the value is read from again when a file it refers to rotates.
+    pub source: SecretText,
 }
 
 impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credential({}: <redacted>)", self.header)
+        write!(f, "Credential({}: {:?})", self.header, self.source)
+    }
+}
+
+/// OAuth2 client credentials (RFC 6749 §4.4): the sidecar fetches its own bearer token for an
+/// upstream from `token_url`.
+#[derive(Debug, Clone)]
+pub struct OAuth2Client {
+    /// http or https, with a host.
+    pub token_url: Uri,
+    pub client_id: String,
+    pub client_secret: SecretText,
+    pub scope: Option<String>,
+}
+
+/// A policy value that may refer to `${env:…}` and `${file:…}`: what it resolved to at load,
+/// and what resolving it again takes, for secrets whose files rotate while the sidecar runs.
+#[derive(Clone)]
+pub struct SecretText {
+    /// As the policy writes it; may itself be a literal secret.
+    pub written: String,
+    /// The policy file's directory: relative file paths are taken from it.
+    pub base_dir: PathBuf,
+    pub resolved: String,
+}
+
+impl SecretText {
+    /// The files it is read from; none when it cannot rotate.
+    pub fn files(&self) -> Vec<PathBuf> {
+        secrets::files(&self.written, &self.base_dir)
+    }
+
+    /// Reads the value again (see `secrets::reread`).
+    pub fn reread(&self) -> Result<String, String> {
+        secrets::reread(&self.written, &self.base_dir)
+    }
+}
+
+impl fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<redacted, from files {:?}>", self.files())
     }
 }
 

@@ -74,6 +74,7 @@ pub struct RawUpstream {
     #[serde(default)]
     pub headers: Named<String>,
     pub credential: Option<Spanned<RawCredential>>,
+    pub oauth2: Option<Spanned<RawOAuth2>>,
 }
 
 /// `retries: { attempts: 2, budget: 0.2, min_per_second: 10 }`.
@@ -103,6 +104,18 @@ pub struct RawBreaker {
 pub struct RawCredential {
     pub header: Spanned<String>,
     pub value: Spanned<String>,
+}
+
+/// `oauth2: { token_url, client_id, client_secret, scope }`: the client credentials grant.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOAuth2 {
+    /// Required, like `client_id` and `client_secret`; optional here so that an absence is
+    /// reported with the upstream's name.
+    pub token_url: Option<Spanned<String>>,
+    pub client_id: Option<Spanned<String>>,
+    pub client_secret: Option<Spanned<String>>,
+    pub scope: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

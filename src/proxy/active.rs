@@ -45,12 +45,13 @@ impl Active {
         self.verifier.as_ref().is_none_or(|v| v.has_keys())
     }
 
-    /// Re-reads the files that Kubernetes rotates in place (API keys), keeping the last good
-    /// content when a new one is invalid.
+    /// Re-reads the files that Kubernetes rotates in place (API keys, upstream credentials),
+    /// keeping the last good content when a new one is invalid.
     pub fn refresh_files(&self) {
         if let Some(keys) = &self.api_keys {
             keys.refresh();
         }
+        self.upstreams.refresh_files();
     }
 
     /// Loads the token keys unless they are loaded already.

@@ -76,8 +76,8 @@ pub fn prepare(upstream: &Upstream, client: &str, outbound: Outbound) -> Prepare
         })?;
         headers.insert(name.clone(), value);
     }
-    if let Some(credential) = &upstream.credential {
-        headers.insert(credential.header.clone(), credential.value.clone());
+    if let Some((name, value)) = outbound.credential {
+        headers.insert(name, value);
     }
     Ok(request)
 }

@@ -1,14 +1,23 @@
 //! Reaching internal services: one client stack per upstream, built once per policy and
 //! shared by every route, and the peer of the app that unmatched requests fall through to.
 //!
-//! A call goes down the stack in this order (`UpstreamClient::new` builds it):
+//! A call goes down the stack in this order (`UpstreamClient::new` builds it; the first three
+//! are applied by `UpstreamClient::call`, above the tower stack):
 //!
 //! ```text
-//! metrics → timeout → concurrency limit → circuit breaker → retry → headers → HTTP client
+//! metrics → timeout → machine credential → concurrency limit → circuit breaker → retry
+//!         → headers → HTTP client
 //! ```
+//!
+//! The machine credential is chosen above the stack, once per call, and travels in the
+//! `Outbound` that every retry clones, so each retry carries the same credential. It sits
+//! there rather than in a layer of its own because an OAuth2 token may have to be fetched
+//! first (async): a fetch must not hold a concurrency slot while it waits, and a token endpoint
+//! that is down is not a fault of the upstream, so it must not count at its breaker.
 
 mod breaker;
 mod client;
+pub mod credential;
 mod retry;
 
 use std::net::SocketAddr;
@@ -16,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use indexmap::IndexMap;
 use pingora::prelude::HttpPeer;
 use pingora::{Error, ErrorType};
@@ -31,6 +40,7 @@ use crate::metrics::{Metrics, Outcome};
 use crate::policy::{Policy, Upstream};
 use crate::proxy::Claims;
 use breaker::{Breaker, BreakerLayer};
+use credential::MachineCredential;
 use retry::{Retries, RetryBudget};
 
 /// Largest (decompressed) body read from an upstream.
@@ -72,6 +82,8 @@ pub struct Outbound {
     pub traceparent: Option<HeaderValue>,
     pub claims: Option<Arc<Claims>>,
     pub api_client: Option<Arc<str>>,
+    /// The machine credential's header (value marked sensitive).
+    pub credential: Option<(HeaderName, HeaderValue)>,
     /// When the call's timeout ends (see `breaker`).
     pub deadline: Instant,
 }
@@ -108,6 +120,10 @@ pub enum Failure {
     /// The request could not be built from this client request's inputs.
     #[error("{0}")]
     Request(String),
+    /// No machine credential for the call (the OAuth2 token endpoint failed); the message
+    /// holds no secret.
+    #[error("machine credential: {0}")]
+    Credential(String),
 }
 
 impl Failure {
@@ -116,7 +132,8 @@ impl Failure {
             Failure::Connect(_)
             | Failure::Transport(_)
             | Failure::Status(_)
-            | Failure::Request(_) => Outcome::Error,
+            | Failure::Request(_)
+            | Failure::Credential(_) => Outcome::Error,
             Failure::Timeout(_) => Outcome::Timeout,
             Failure::BadBody(_) => Outcome::BadBody,
             Failure::CircuitOpen => Outcome::CircuitOpen,
@@ -126,9 +143,10 @@ impl Failure {
     /// The client-facing code when this failure decides a `proxy` route's answer.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Failure::Connect(_) | Failure::Transport(_) | Failure::CircuitOpen => {
-                ErrorCode::DependencyUnavailable
-            }
+            Failure::Connect(_)
+            | Failure::Transport(_)
+            | Failure::CircuitOpen
+            | Failure::Credential(_) => ErrorCode::DependencyUnavailable,
             Failure::Timeout(_) => ErrorCode::DeadlineExceeded,
             Failure::Status(status) => ErrorCode::for_upstream_status(*status),
             Failure::BadBody(_) => ErrorCode::BadUpstreamResponse,
@@ -141,7 +159,8 @@ impl Failure {
     fn is_upstream_fault(&self) -> bool {
         match self {
             Failure::Status(status) => *status >= 500,
-            Failure::Request(_) | Failure::CircuitOpen => false,
+            // A token endpoint's failure says nothing of the upstream (and never reaches it).
+            Failure::Request(_) | Failure::CircuitOpen | Failure::Credential(_) => false,
             _ => true,
         }
     }
@@ -154,6 +173,7 @@ type Stack = BoxCloneSyncService<Outbound, Answer, CallError>;
 pub struct UpstreamClient {
     upstream: Arc<Upstream>,
     client: Arc<str>,
+    credential: Option<Arc<MachineCredential>>,
     stack: Stack,
     metrics: Arc<Metrics>,
 }
@@ -187,6 +207,7 @@ impl UpstreamClient {
             .map_request(move |outbound| client::prepare(&for_headers.0, &for_headers.1, outbound))
             .service(client::HttpClient::new(&upstream));
         UpstreamClient {
+            credential: MachineCredential::for_upstream(&upstream).map(Arc::new),
             upstream,
             client: Arc::from(client),
             stack: BoxCloneSyncService::new(stack),
@@ -210,38 +231,58 @@ impl UpstreamClient {
         let started = Instant::now();
         let limit = self.upstream.call_timeout();
         let deadline = started + limit;
-        let outbound = Outbound {
-            method: call.method,
-            path: call.path,
-            headers: call.headers,
-            body: call.body,
-            trace_id: caller.trace_id.to_string(),
-            traceparent: caller.traceparent.cloned(),
-            claims: caller.claims.cloned(),
-            api_client: caller.api_client.cloned(),
-            deadline,
-        };
-        let answer = tokio::time::timeout_at(
-            tokio::time::Instant::from_std(deadline),
-            self.stack.clone().oneshot(outbound),
-        )
-        .await;
         let fail = |failure| CallError {
             upstream: self.upstream.name.clone(),
             failure,
         };
-        let result = match answer {
-            Err(_) => Err(fail(Failure::Timeout(limit))),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(answer)) => {
-                let bytes = answer.body.len() as u64;
-                self.metrics
-                    .upstream_bytes_total
-                    .with_label_values(&[&*self.client, caller.route])
-                    .inc_by(bytes);
-                decode(answer).map_err(|reason| fail(Failure::BadBody(reason)))
+        let result = async {
+            let attached = match &self.credential {
+                Some(credential) => Some(
+                    credential
+                        .attach(deadline)
+                        .await
+                        .map_err(|reason| fail(Failure::Credential(reason)))?,
+                ),
+                None => None,
+            };
+            let outbound = Outbound {
+                method: call.method,
+                path: call.path,
+                headers: call.headers,
+                body: call.body,
+                trace_id: caller.trace_id.to_string(),
+                traceparent: caller.traceparent.cloned(),
+                claims: caller.claims.cloned(),
+                api_client: caller.api_client.cloned(),
+                credential: attached.as_ref().map(|a| (a.name.clone(), a.value.clone())),
+                deadline,
+            };
+            let answer = tokio::time::timeout_at(
+                tokio::time::Instant::from_std(deadline),
+                self.stack.clone().oneshot(outbound),
+            )
+            .await;
+            match answer {
+                Err(_) => Err(fail(Failure::Timeout(limit))),
+                Ok(Err(e)) => {
+                    if let (Failure::Status(401), Some(credential), Some(attached)) =
+                        (&e.failure, &self.credential, &attached)
+                    {
+                        credential.rejected(attached);
+                    }
+                    Err(e)
+                }
+                Ok(Ok(answer)) => {
+                    let bytes = answer.body.len() as u64;
+                    self.metrics
+                        .upstream_bytes_total
+                        .with_label_values(&[&*self.client, caller.route])
+                        .inc_by(bytes);
+                    decode(answer).map_err(|reason| fail(Failure::BadBody(reason)))
+                }
             }
-        };
+        }
+        .await;
         let outcome = match &result {
             Ok(_) => Outcome::Ok,
             Err(e) => e.failure.outcome(),
@@ -279,6 +320,16 @@ impl Upstreams {
                 })
                 .collect(),
         )
+    }
+
+    /// Reads again the files the upstreams' secrets come from (called every second): a rotated
+    /// credential or client secret is used from the next call on, with no restart.
+    pub fn refresh_files(&self) {
+        for client in self.0.values() {
+            if let Some(credential) = &client.credential {
+                credential.refresh_files();
+            }
+        }
     }
 
     /// The client of an upstream of the same policy (`build` made one for each).

@@ -787,7 +787,7 @@ fn upstream_header_cannot_override_the_credential() {
     let yaml = with_orders_option(
         "    credential: { header: X-Api-Key, value: k3y }\n    headers:\n      x-api-key: \"{jwt.sub}\"",
     );
-    let message = assert_rejected(&yaml, 15, Some(7), "`credential` header");
+    let message = assert_rejected(&yaml, 15, Some(7), "`credential` sets it");
     assert!(message.contains("header `x-api-key`"), "{message}");
 }
 
@@ -1160,6 +1160,112 @@ fn alias_bomb_is_refused() {
     }
     let yaml = edit(BASE, 31, " []", &bomb);
     assert_refused_cleanly(yaml.as_bytes());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Machine credentials: OAuth2 client credentials
+// ---------------------------------------------------------------------------------------------
+
+/// `orders` (lines 10-12) with an `oauth2` block on lines 13-17, and `extra` lines after it.
+fn with_oauth2(extra: &str) -> String {
+    with_orders_option(&format!(
+        "    oauth2:
+      token_url: https://id.example.com/oauth/token
+      client_id: bff-web
+      client_secret: \"${{env:PATH}}\"
+      scope: orders:read orders:write{extra}"
+    ))
+}
+
+#[test]
+fn oauth2_client_credentials_load() {
+    assert_valid(&with_oauth2(""));
+    // http too, and no scope.
+    assert_valid(&remove(
+        &edit(&with_oauth2(""), 14, "https://", "http://"),
+        17..=17,
+    ));
+}
+
+#[test]
+fn oauth2_and_credential_together_are_refused() {
+    let yaml = with_oauth2("\n    credential: { header: X-Api-Key, value: k3y }");
+    let message = assert_rejected(&yaml, 14, Some(7), "cannot both be given");
+    assert!(message.contains("upstream `orders`"), "{message}");
+}
+
+#[test]
+fn oauth2_token_url_must_be_http_or_https_with_a_host() {
+    for bad in [
+        "ftp://id.example.com/token",
+        "/oauth/token",
+        "not a url",
+        "https://",
+    ] {
+        let yaml = edit(
+            &with_oauth2(""),
+            14,
+            "https://id.example.com/oauth/token",
+            &format!("\"{bad}\""),
+        );
+        let message = assert_rejected(&yaml, 14, Some(18), "http:// or https://");
+        assert!(message.contains("`oauth2.token_url`"), "{bad}: {message}");
+    }
+}
+
+#[test]
+fn oauth2_without_client_id_is_refused_naming_the_upstream() {
+    let yaml = remove(&with_oauth2(""), 15..=15);
+    let message = assert_rejected(&yaml, 14, Some(7), "`oauth2` needs `client_id`");
+    assert!(message.contains("upstream `orders`"), "{message}");
+}
+
+#[test]
+fn oauth2_without_token_url_or_secret_is_refused() {
+    let yaml = remove(&with_oauth2(""), 14..=14);
+    assert_rejected(&yaml, 14, Some(7), "`oauth2` needs `token_url`");
+    let yaml = remove(&with_oauth2(""), 16..=16);
+    assert_rejected(&yaml, 14, Some(7), "`oauth2` needs `client_secret`");
+}
+
+#[test]
+fn oauth2_client_secret_from_a_missing_variable_names_it() {
+    let yaml = edit(
+        &with_oauth2(""),
+        16,
+        "${env:PATH}",
+        "${env:BFF_TEST_SURELY_UNSET_OAUTH}",
+    );
+    assert_rejected(
+        &yaml,
+        16,
+        Some(22),
+        "BFF_TEST_SURELY_UNSET_OAUTH` is not set",
+    );
+}
+
+#[test]
+fn oauth2_scope_must_be_scope_names() {
+    let yaml = edit(
+        &with_oauth2(""),
+        17,
+        "orders:read orders:write",
+        "\"orders:read  \\\"write\\\"\"",
+    );
+    assert_rejected(&yaml, 17, Some(14), "`oauth2.scope`");
+}
+
+#[test]
+fn oauth2_unknown_key_is_named() {
+    let yaml = edit(&with_oauth2(""), 15, "client_id", "client_name");
+    assert_rejected(&yaml, 15, None, "client_name");
+}
+
+#[test]
+fn upstream_header_cannot_override_the_oauth2_token() {
+    let yaml = with_oauth2("\n    headers:\n      Authorization: \"{jwt.sub}\"");
+    let message = assert_rejected(&yaml, 19, Some(7), "`oauth2` sets it");
+    assert!(message.contains("header `Authorization`"), "{message}");
 }
 
 // ---------------------------------------------------------------------------------------------

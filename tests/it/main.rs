@@ -3,6 +3,7 @@
 mod auth_methods;
 mod check;
 mod claims;
+mod credentials;
 mod fanout;
 mod harness_selftest;
 mod hostile;
