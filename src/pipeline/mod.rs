@@ -1,11 +1,13 @@
 //! The request pipeline, one stage per module, in the order a request meets them:
-//! edge (trace id, loop check) → route → auth → inputs → fanout (calls, each answer
-//! projected) → assemble → respond → observe; `proxy` routes take proxy_route instead of
-//! fanout and assemble. Auth follows routing because only matched routes need a token.
+//! edge (trace id, loop check) → route → auth → rate_limit → inputs → fanout (calls, each
+//! answer projected) → assemble → respond → observe; `proxy` routes take proxy_route instead
+//! of fanout and assemble. Auth follows routing because only matched routes need a token; rate
+//! limits follow auth because a verified token's `sub` is the identity they count.
 
 pub mod edge;
 pub mod route;
 pub mod auth;
+pub mod rate_limit;
 pub mod inputs;
 pub mod fanout;
 pub mod assemble;
@@ -62,6 +64,9 @@ pub async fn handle(
                         return Ok(true);
                     }
                 }
+            }
+            if rate_limit::refused(session, ctx, shared).await? {
+                return Ok(true);
             }
             match &route.action {
                 Action::Proxy(target) => {

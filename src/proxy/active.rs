@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::metrics::Metrics;
 use crate::pipeline::auth::Verifier;
+use crate::pipeline::rate_limit::RateLimits;
 use crate::policy::Policy;
 use crate::upstream::Upstreams;
 
@@ -15,11 +16,14 @@ pub struct Active {
     pub upstreams: Upstreams,
     /// Verifies client tokens when the policy has `auth`.
     pub verifier: Option<Arc<Verifier>>,
+    /// The policy's and the routes' rate limits, with their buckets per client identity.
+    pub rate_limits: RateLimits,
 }
 
 impl Active {
     /// `previous`: the policy in force, whose token verifier (and the keys it holds) is kept
-    /// when the `auth` section did not change.
+    /// when the `auth` section did not change, and whose rate-limit buckets are kept for each
+    /// limit that did not change.
     pub fn new(policy: Policy, metrics: &Arc<Metrics>, previous: Option<&Active>) -> Active {
         let upstreams = Upstreams::build(&policy, metrics);
         let verifier = policy.auth.as_ref().map(|auth| {
@@ -28,10 +32,12 @@ impl Active {
                 .and_then(|p| p.verifier.clone())
                 .unwrap_or_else(|| Arc::new(Verifier::new(auth)))
         });
+        let rate_limits = RateLimits::new(&policy, previous.map(|p| &p.rate_limits));
         Active {
             policy,
             upstreams,
             verifier,
+            rate_limits,
         }
     }
 
