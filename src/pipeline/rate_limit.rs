@@ -138,7 +138,8 @@ impl RateLimits {
     /// the route's bucket alone, and one the route's limit refuses has still spent from the
     /// policy's (governor cannot give a request back).
     fn check(&self, route: &str, who: &Identity) -> Result<(), Duration> {
-        self.limits(route).try_for_each(|limiter| limiter.check(who))
+        self.limits(route)
+            .try_for_each(|limiter| limiter.check(who))
     }
 
     /// Drops idle identities from every bucket map; called every second by the policy watch.

@@ -1110,7 +1110,10 @@ fn compile_rate_limit(
     const LONGEST_REFILL: Duration = Duration::from_secs(366 * 24 * 3600);
     let refill = limit.interval().checked_mul(limit.burst.get());
     if refill.is_none_or(|refill| refill > LONGEST_REFILL) {
-        let at = spec.burst.as_ref().map_or(spec.per.referenced, |b| b.referenced);
+        let at = spec
+            .burst
+            .as_ref()
+            .map_or(spec.per.referenced, |b| b.referenced);
         diags.at(
             &at,
             format!(
