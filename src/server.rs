@@ -176,6 +176,8 @@ impl BackgroundService for PolicyWatch {
                         seen = now;
                         self.reload("file changed").await;
                     }
+                    // Small files, read on this background thread, not on a request's path.
+                    self.shared.policy.load().refresh_files();
                 }
             }
         }

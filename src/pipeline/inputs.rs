@@ -1,5 +1,5 @@
-//! Template inputs: the values `{path.*}`, `{query.*}`, `{jwt.*}` and `{fetch.*}` stand for in
-//! one request, and rendering an upstream path from them.
+//! Template inputs: the values `{path.*}`, `{query.*}`, `{jwt.*}`, `{auth.client}` and
+//! `{fetch.*}` stand for in one request, and rendering an upstream path from them.
 
 use std::borrow::Cow;
 
@@ -14,6 +14,7 @@ pub struct Inputs<'a> {
     pub params: &'a [(String, String)],
     pub query: &'a str,
     pub claims: Option<&'a Claims>,
+    pub api_client: Option<&'a str>,
 }
 
 impl<'a> Inputs<'a> {
@@ -22,6 +23,7 @@ impl<'a> Inputs<'a> {
             params: &ctx.params,
             query,
             claims: ctx.claims.as_deref(),
+            api_client: ctx.api_client.as_deref(),
         }
     }
 
@@ -39,6 +41,7 @@ impl<'a> Inputs<'a> {
                 .map(|(_, v)| Cow::Borrowed(v.as_str())),
             Var::Query(name) => query_value(self.query, name),
             Var::Jwt(claim) => self.claims.and_then(|c| claim_value(c, claim)),
+            Var::AuthClient => self.api_client.map(Cow::Borrowed),
             Var::Fetch { fetch, field } => {
                 let doc = parent(fetch)?;
                 let found = field.split('.').try_fold(doc, |v, key| v.get(key))?;
@@ -82,7 +85,7 @@ impl<'a> Inputs<'a> {
 pub fn code_for(error: &RenderError) -> ErrorCode {
     match error {
         // No verified identity: the route cannot be personalised.
-        RenderError::Missing(Var::Jwt(_)) => ErrorCode::Unauthenticated,
+        RenderError::Missing(Var::Jwt(_) | Var::AuthClient) => ErrorCode::Unauthenticated,
         RenderError::Missing(_) | RenderError::NotASegment(_) => ErrorCode::BadRequest,
     }
 }
@@ -138,6 +141,7 @@ mod tests {
             params: &[],
             query: "",
             claims: Some(&claims),
+            api_client: None,
         };
         let none = |_: &str| None;
         assert_eq!(

@@ -1,8 +1,9 @@
 //! The request pipeline, one stage per module, in the order a request meets them:
-//! edge (trace id, loop check) → route → auth → rate_limit → inputs → fanout (calls, each
-//! answer projected) → assemble → respond → observe; `proxy` routes take proxy_route instead
-//! of fanout and assemble. Auth follows routing because only matched routes need a token; rate
-//! limits follow auth because a verified token's `sub` is the identity they count.
+//! edge (trace id, loop check) → route → auth (credential, route's `auth` and `scopes`) →
+//! rate_limit → inputs → fanout (calls, each answer projected) → assemble → respond → observe;
+//! `proxy` routes take proxy_route instead of fanout and assemble. Auth follows routing because
+//! only matched routes need a token; rate limits follow auth because the verified credential
+//! names the identity they count.
 
 pub mod edge;
 pub mod route;
@@ -17,8 +18,6 @@ pub mod observe;
 
 pub use inputs::claim_value;
 
-use std::sync::Arc;
-
 use http::HeaderValue;
 use pingora::proxy::Session;
 
@@ -26,6 +25,7 @@ use crate::envelope::{Envelope, ErrorCode};
 use crate::policy::{Action, Fetch, Route};
 use crate::proxy::{RequestCtx, Shared};
 use crate::upstream::{Caller, Failure};
+use auth::{Principal, Refusal};
 use fanout::RouteFailure;
 use inputs::Inputs;
 use route::Lookup;
@@ -56,13 +56,13 @@ pub async fn handle(
             };
             ctx.params = params;
             ctx.route = Some(route.clone());
-            if let Some(verifier) = &policy.verifier {
-                match verifier.verify(&session.req_header().headers).await {
-                    Ok(claims) => ctx.claims = claims.map(Arc::new),
-                    Err(failure) => {
-                        unauthenticated(session, ctx, shared, failure.reason()).await?;
-                        return Ok(true);
-                    }
+            match auth::authenticate(&policy, &route, &session.req_header().headers).await {
+                Ok(Principal::Anonymous) => {}
+                Ok(Principal::Token(claims)) => ctx.claims = Some(claims),
+                Ok(Principal::ApiKey(name)) => ctx.api_client = Some(name),
+                Err(refusal) => {
+                    refuse(session, ctx, shared, &refusal).await?;
+                    return Ok(true);
                 }
             }
             if rate_limit::refused(session, ctx, shared).await? {
@@ -123,7 +123,7 @@ async fn serve_fetches(
     {
         Ok(()) => {}
         Err(ErrorCode::Unauthenticated) => {
-            return unauthenticated(session, ctx, shared, "missing").await
+            return refuse(session, ctx, shared, &Refusal::missing(&ctx.policy)).await
         }
         Err(code) => return respond::error(session, ctx, &code.into(), &[]).await,
     }
@@ -136,6 +136,7 @@ async fn serve_fetches(
             trace_id: &ctx.trace_id,
             traceparent: ctx.traceparent.as_ref(),
             claims: ctx.claims.as_ref(),
+            api_client: ctx.api_client.as_ref(),
         },
         metrics: &shared.metrics,
         client: &ctx.policy.client,
@@ -166,26 +167,28 @@ async fn serve_fetches(
     respond::error(session, ctx, &envelope, &[]).await
 }
 
-/// 401 with the challenge RFC 6750 asks for; the reason goes to the metric, not the client.
-pub(crate) async fn unauthenticated(
+/// 401 or 403 with the challenges RFC 6750 asks for; the reason goes to the metric, not to
+/// the client, whose message tells no more than the status does.
+pub(crate) async fn refuse(
     session: &mut Session,
     ctx: &RequestCtx,
     shared: &Shared,
-    reason: &str,
+    refusal: &Refusal,
 ) -> pingora::Result<()> {
     shared
         .metrics
         .auth_failures_total
-        .with_label_values(&[ctx.policy.client.as_str(), reason])
+        .with_label_values(&[ctx.policy.client.as_str(), refusal.reason()])
         .inc();
-    let challenge = if reason == "missing" {
-        "Bearer"
-    } else {
-        "Bearer error=\"invalid_token\""
+    let (code, challenges) = match refusal {
+        Refusal::Unauthenticated { challenges, .. } => {
+            (ErrorCode::Unauthenticated, challenges.clone())
+        }
+        Refusal::Forbidden { challenge } => (ErrorCode::Forbidden, vec![challenge.clone()]),
     };
-    let headers = [(
-        http::header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(challenge),
-    )];
-    respond::error(session, ctx, &ErrorCode::Unauthenticated.into(), &headers).await
+    let headers: Vec<_> = challenges
+        .into_iter()
+        .map(|c| (http::header::WWW_AUTHENTICATE, c))
+        .collect();
+    respond::error(session, ctx, &code.into(), &headers).await
 }

@@ -39,7 +39,7 @@ pub async fn serve(
     match call(session, ctx, &policy.upstreams, route, target).await {
         Ok((status, body)) => respond::json(session, ctx, status, &route.headers, body).await,
         Err(Failure::Client(ErrorCode::Unauthenticated)) => {
-            super::unauthenticated(session, ctx, shared, "missing").await
+            super::refuse(session, ctx, shared, &super::Refusal::missing(&ctx.policy)).await
         }
         Err(Failure::Client(code)) => respond::error(session, ctx, &code.into(), &[]).await,
         Err(Failure::Upstream(e)) => {
@@ -88,6 +88,7 @@ async fn call(
         trace_id: &ctx.trace_id,
         traceparent: ctx.traceparent.as_ref(),
         claims: ctx.claims.as_ref(),
+        api_client: ctx.api_client.as_ref(),
     };
     let call = Call {
         method,

@@ -1,6 +1,7 @@
 //! Rate limits per client identity: the policy's `rate_limit`, one budget shared by every matched
 //! route, and a route's own `rate_limit` on top of it. Each is a GCRA bucket per identity
-//! (governor); a request over either is answered `RATE_LIMITED` 429 with `Retry-After`.
+//! (governor): the token's `sub`, the API key's name, or the client's address. A request over
+//! either limit is answered `RATE_LIMITED` 429 with `Retry-After`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -25,13 +26,16 @@ use crate::proxy::{RequestCtx, Shared};
 pub enum Identity {
     /// The verified token's `sub` claim.
     Subject(String),
-    /// No subject: the client's IP address (IPv6: its /64, see [`address_key`]).
+    /// The name of the verified API key (`{auth.client}`).
+    ApiClient(Arc<str>),
+    /// Neither: the client's IP address (IPv6: its /64, see [`address_key`]).
     Address(IpAddr),
-    /// No subject and no IP address (not a TCP client): such clients share one budget.
+    /// Neither, and no IP address (not a TCP client): such clients share one budget.
     Unknown,
 }
 
-/// The identity a request is limited as: the verified `sub`, else the client's address.
+/// The identity a request is limited as: the verified token's `sub`, else the API key's name,
+/// else the client's address.
 pub fn identity(session: &Session, ctx: &RequestCtx) -> Identity {
     let subject = ctx
         .claims
@@ -41,6 +45,9 @@ pub fn identity(session: &Session, ctx: &RequestCtx) -> Identity {
         .filter(|sub| !sub.is_empty());
     if let Some(sub) = subject {
         return Identity::Subject(sub.to_string());
+    }
+    if let Some(name) = &ctx.api_client {
+        return Identity::ApiClient(name.clone());
     }
     match session.client_addr().and_then(|addr| addr.as_inet()) {
         Some(addr) => Identity::Address(address_key(addr.ip())),
@@ -253,15 +260,21 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let limiter = Limiter::with_clock(limit(1, Duration::from_secs(60), 1), clock.clone());
         let address = Identity::Address("192.0.2.7".parse().unwrap());
-        // A subject that spells an address is not that address.
-        for who in [subject("ada"), subject("192.0.2.7"), address.clone()] {
+        // A subject that spells an address or a key's name is neither.
+        let who_all = [
+            subject("ada"),
+            subject("192.0.2.7"),
+            address.clone(),
+            Identity::ApiClient("ada".into()),
+        ];
+        for who in who_all {
             assert_eq!(limiter.check(&who), Ok(()), "{who:?}");
             assert!(limiter.check(&who).is_err(), "{who:?}");
         }
-        assert_eq!(limiter.buckets.len(), 3);
+        assert_eq!(limiter.buckets.len(), 4);
 
         limiter.sweep();
-        assert_eq!(limiter.buckets.len(), 3, "buckets still refilling are kept");
+        assert_eq!(limiter.buckets.len(), 4, "buckets still refilling are kept");
         clock.advance(Duration::from_secs(121));
         limiter.sweep();
         assert_eq!(limiter.buckets.len(), 0, "full buckets are forgotten");

@@ -22,7 +22,7 @@ pub async fn json(
     header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     header.insert_header(TRACE_HEADER, &ctx.trace_id)?;
     for (name, value) in headers {
-        header.insert_header(name.clone(), value.clone())?;
+        header.append_header(name.clone(), value.clone())?;
     }
     let head_only = session.req_header().method == http::Method::HEAD || status == 204;
     session

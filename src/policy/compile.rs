@@ -16,9 +16,11 @@ use super::raw::{self, RawPolicy};
 use super::secrets;
 use super::template::{Template, Var};
 use super::{
-    Action, BreakerPolicy, CachePolicy, Credential, CriticalFailure, Diagnostic, Fetch, JwtAuth,
-    KeySource, Policy, ProxyTarget, RateLimit, RetryPolicy, Route, Upstream,
+    Action, ApiKeyAuth, Auth, BreakerPolicy, CachePolicy, Credential, CriticalFailure, Diagnostic,
+    Fetch, JwtAuth, KeySource, Policy, ProxyTarget, RateLimit, RetryPolicy, Route, RouteAuth,
+    Upstream,
 };
+use crate::pipeline::auth::ApiKeySet;
 use crate::pipeline::route::RouteTable;
 use crate::projection::{self, FieldMask};
 
@@ -55,10 +57,16 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
         );
     }
 
-    let has_auth = raw.auth.is_some();
+    let raw_auth = raw.auth.as_ref().map(|a| Identities {
+        jwt: a.value.jwt.is_some(),
+        api_key: a.value.api_key.is_some(),
+    });
     let auth = raw
         .auth
-        .and_then(|auth| compile_jwt(auth.value.jwt, base_dir, &mut diags));
+        .and_then(|auth| compile_auth(auth, base_dir, &mut diags));
+    // What templates may refer to, judged by what the policy says even when a part of its
+    // `auth` is invalid (already reported): judging them by a broken `auth` would add noise.
+    let identities = raw_auth.unwrap_or(Identities::NONE);
 
     let defined: HashSet<String> = raw
         .upstreams
@@ -77,7 +85,8 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
                 ),
             );
         }
-        if let Some(upstream) = compile_upstream(&name.value, spec, base_dir, has_auth, &mut diags)
+        if let Some(upstream) =
+            compile_upstream(&name.value, spec, base_dir, identities, &mut diags)
         {
             upstreams.insert(name.value, Arc::new(upstream));
         }
@@ -110,8 +119,7 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
                 format!("route name `{}` is used twice", name.value),
             );
         }
-        // An invalid `auth` was reported already; judging templates by it would only add noise.
-        if let Some(route) = compile_route(spec.value, has_auth, &find_upstream, &mut diags) {
+        if let Some(route) = compile_route(spec.value, identities, &find_upstream, &mut diags) {
             routes.push(Arc::new(route));
             route_locations.push(location);
         }
@@ -146,6 +154,104 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
         }),
         _ => Err(diags.0),
     }
+}
+
+/// Which verified identities the policy's templates may use.
+#[derive(Debug, Clone, Copy)]
+struct Identities {
+    jwt: bool,
+    api_key: bool,
+}
+
+impl Identities {
+    const NONE: Identities = Identities {
+        jwt: false,
+        api_key: false,
+    };
+
+    /// Why `var` has no value under these identities, if it has none.
+    fn lacks(self, var: &Var) -> Option<String> {
+        match var {
+            Var::Jwt(claim) if !self.jwt => Some(format!(
+                "`{{jwt.{claim}}}` needs a verified token, but the policy has no `auth.jwt`"
+            )),
+            Var::AuthClient if !self.api_key => Some(
+                "`{auth.client}` is the name of the request's API key, but the policy has no `auth.api_key`".into(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+fn compile_auth(
+    auth: Spanned<raw::RawAuth>,
+    base_dir: &Path,
+    diags: &mut Diagnostics,
+) -> Option<Auth> {
+    let (at, auth) = (auth.referenced, auth.value);
+    if auth.jwt.is_none() && auth.api_key.is_none() {
+        diags.at(&at, "`auth` needs at least one method: `jwt` or `api_key`");
+        return None;
+    }
+    let position = |l: &Location| (l.line(), l.column());
+    let api_key_first = match (&auth.jwt, &auth.api_key) {
+        (Some(jwt), Some(key)) => position(&key.referenced) < position(&jwt.referenced),
+        _ => false,
+    };
+    let jwt = auth.jwt.map(|jwt| compile_jwt(jwt, base_dir, diags));
+    let api_key = auth
+        .api_key
+        .map(|key| compile_api_key(key, base_dir, diags));
+    Some(Auth {
+        jwt: match jwt {
+            Some(jwt) => Some(jwt?),
+            None => None,
+        },
+        api_key: match api_key {
+            Some(key) => Some(key?),
+            None => None,
+        },
+        api_key_first,
+    })
+}
+
+/// A header that carries a credential the sidecar reads itself: the one the policy names for
+/// API keys may not be one of these.
+fn is_credential_header(header: &HeaderName) -> bool {
+    header == http::header::AUTHORIZATION || header == http::header::COOKIE
+}
+
+fn compile_api_key(
+    spec: Spanned<raw::RawApiKey>,
+    base_dir: &Path,
+    diags: &mut Diagnostics,
+) -> Option<ApiKeyAuth> {
+    let spec = spec.value;
+    let header = diags.check(
+        &spec.header.referenced,
+        HeaderName::from_bytes(spec.header.value.as_bytes())
+            .map_err(|_| format!("`{}` is not a valid header name", spec.header.value))
+            .and_then(|h| {
+                if is_credential_header(&h) || reserved_header(&h).is_some() {
+                    Err(format!(
+                        "`api_key.header` cannot be `{}`: use a header of its own, such as X-Api-Key",
+                        spec.header.value
+                    ))
+                } else {
+                    Ok(h)
+                }
+            }),
+    );
+    let keys_file = base_dir.join(&spec.keys_file.value);
+    let keys = diags.check(
+        &spec.keys_file.referenced,
+        ApiKeySet::read(&keys_file).map_err(|e| e.to_string()),
+    );
+    Some(ApiKeyAuth {
+        header: header?,
+        keys_file,
+        keys: keys?,
+    })
 }
 
 fn compile_jwt(
@@ -218,12 +324,27 @@ fn compile_jwt(
             "HS256 is only accepted with an `hs256_secret`",
         );
     }
+    let cookie = jwt.cookie.and_then(|cookie| {
+        let valid = !cookie.value.is_empty()
+            && cookie
+                .value
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        if !valid {
+            diags.at(
+                &cookie.referenced,
+                format!("`cookie`: `{}` is not a valid cookie name", cookie.value),
+            );
+        }
+        valid.then_some(cookie.value)
+    });
     Some(JwtAuth {
         issuer: jwt.issuer,
         audience: jwt.audience,
         algorithms,
         keys,
         leeway: jwt.leeway.map_or(Duration::from_secs(30), |d| d.0),
+        cookie,
     })
 }
 
@@ -231,7 +352,7 @@ fn compile_upstream(
     name: &str,
     spec: Spanned<raw::RawUpstream>,
     base_dir: &Path,
-    has_auth: bool,
+    identities: Identities,
     diags: &mut Diagnostics,
 ) -> Option<Upstream> {
     let spec = spec.value;
@@ -279,7 +400,7 @@ fn compile_upstream(
         name,
         &spec.headers,
         credential.as_ref().map(|c| &c.header),
-        has_auth,
+        identities,
         diags,
     );
 
@@ -471,13 +592,13 @@ fn reserved_header(header: &HeaderName) -> Option<&'static str> {
     }
 }
 
-/// An upstream's `headers`: templates that may only use `{jwt.*}`, since every route that
-/// calls the upstream sends them.
+/// An upstream's `headers`: templates that may only use the caller's identity (`{jwt.*}`,
+/// `{auth.client}`), since every route that calls the upstream sends them.
 fn compile_upstream_headers(
     name: &str,
     spec: &raw::Named<String>,
     credential: Option<&HeaderName>,
-    has_auth: bool,
+    identities: Identities,
     diags: &mut Diagnostics,
 ) -> Vec<(HeaderName, Template)> {
     let mut headers: Vec<(HeaderName, Template)> = Vec::new();
@@ -530,14 +651,14 @@ fn compile_upstream_headers(
         }
         for var in template.vars() {
             match var {
-                Var::Jwt(claim) if !has_auth => diags.at(
-                    &at,
-                    format!("{what}: `{{jwt.{claim}}}` needs a verified token, but the policy has no `auth`"),
-                ),
-                Var::Jwt(_) => {}
+                Var::Jwt(_) | Var::AuthClient => {
+                    if let Some(reason) = identities.lacks(var) {
+                        diags.at(&at, format!("{what}: {reason}"));
+                    }
+                }
                 other => diags.at(
                     &at,
-                    format!("{what}: `{{{other}}}` cannot be used here: an upstream's headers are sent by every route that calls it, so they may only use `{{jwt.*}}`"),
+                    format!("{what}: `{{{other}}}` cannot be used here: an upstream's headers are sent by every route that calls it, so they may only use `{{jwt.*}}` or `{{auth.client}}`"),
                 ),
             }
         }
@@ -548,7 +669,7 @@ fn compile_upstream_headers(
 
 fn compile_route(
     spec: raw::RawRoute,
-    has_auth: bool,
+    identities: Identities,
     find_upstream: FindUpstream,
     diags: &mut Diagnostics,
 ) -> Option<Route> {
@@ -561,9 +682,13 @@ fn compile_route(
     }
     let method = diags.check(&spec.method.referenced, parse_method(&spec.method.value));
     let params = diags.check(&spec.path.referenced, path_params(&spec.path.value));
+    let (auth, scopes) = compile_route_auth(&name, &spec.auth, spec.scopes, identities, diags);
+    let has_auth = identities.jwt || identities.api_key;
     let scope = TemplateScope {
         params: params.as_deref(),
-        has_auth,
+        identities,
+        // Without the policy's `auth`, identity variables are refused for that reason instead.
+        auth_none: auth == RouteAuth::None && has_auth,
         fetch_vars: spec.fetch.is_some(),
     };
 
@@ -650,6 +775,32 @@ fn compile_route(
         }
     };
 
+    if scope.auth_none {
+        let upstreams: Vec<&Upstream> = match &action {
+            Action::Fetch(fetches) => fetches.iter().map(|f| &*f.upstream).collect(),
+            Action::Proxy(target) => vec![&*target.upstream],
+        };
+        let at = spec
+            .auth
+            .as_ref()
+            .map_or(spec.name.referenced, |a| a.referenced);
+        for upstream in upstreams {
+            let personal = upstream
+                .headers
+                .iter()
+                .find(|(_, t)| t.vars().any(|v| matches!(v, Var::Jwt(_) | Var::AuthClient)));
+            if let Some((header, template)) = personal {
+                diags.at(
+                    &at,
+                    format!(
+                        "route `{name}` has no identity (`auth: none`), but calls upstream `{}`, whose header `{header}` is `{}`",
+                        upstream.name,
+                        template.as_str()
+                    ),
+                );
+            }
+        }
+    }
     let cache = spec.cache.map(|c| compile_cache(c, &personal, diags));
     let rate_limit = spec
         .rate_limit
@@ -675,6 +826,8 @@ fn compile_route(
         method: method?,
         path: spec.path.value,
         version,
+        auth,
+        scopes,
         deadline: spec.deadline.map(|d| d.value.0),
         cache: cache.flatten(),
         rate_limit,
@@ -683,6 +836,65 @@ fn compile_route(
         action,
         shape,
     })
+}
+
+/// A route's `auth` (by default `required` when the policy has `auth`, `none` otherwise) and
+/// `scopes`.
+fn compile_route_auth(
+    route: &str,
+    auth: &Option<Spanned<RouteAuth>>,
+    scopes: Option<Spanned<Vec<String>>>,
+    identities: Identities,
+    diags: &mut Diagnostics,
+) -> (RouteAuth, Vec<String>) {
+    let has_auth = identities.jwt || identities.api_key;
+    let mode = match auth {
+        Some(mode) if mode.value != RouteAuth::None && !has_auth => {
+            diags.at(
+                &mode.referenced,
+                format!(
+                    "route `{route}`: `auth` needs the policy's `auth` section, which is missing"
+                ),
+            );
+            RouteAuth::None
+        }
+        Some(mode) => mode.value,
+        None if has_auth => RouteAuth::Required,
+        None => RouteAuth::None,
+    };
+    let Some(scopes) = scopes else {
+        return (mode, Vec::new());
+    };
+    let at = scopes.referenced;
+    if !identities.jwt {
+        diags.at(
+            &at,
+            format!("route `{route}`: `scopes` are granted by a token, but the policy has no `auth.jwt`"),
+        );
+    } else if mode != RouteAuth::Required {
+        diags.at(
+            &at,
+            format!("route `{route}`: `scopes` need `auth: required` (a request without a token has no scope)"),
+        );
+    }
+    let valid = |s: &String| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    };
+    if let Some(bad) = scopes.value.iter().find(|s| !valid(s)) {
+        diags.at(
+            &at,
+            format!("route `{route}`: `{bad}` is not a scope (printable characters, no spaces, quotes or backslashes)"),
+        );
+    }
+    if scopes.value.is_empty() {
+        diags.at(
+            &at,
+            format!("route `{route}`: `scopes` must list at least one scope, or be left out"),
+        );
+    }
+    (mode, scopes.value)
 }
 
 /// The fetch, and what the route's dependency checks need to know of it even when something
@@ -903,7 +1115,11 @@ fn link_fetches(route: &str, nodes: &[FetchNode], diags: &mut Diagnostics) -> Ve
 /// or in its upstream's headers, or a parent that is personal.
 fn personal_fetches(nodes: &[FetchNode], links: &[Link]) -> Vec<(String, String)> {
     let direct = |node: &FetchNode| -> Option<String> {
-        let jwt = |t: &Template| t.vars().find(|v| matches!(v, Var::Jwt(_))).cloned();
+        let jwt = |t: &Template| {
+            t.vars()
+                .find(|v| matches!(v, Var::Jwt(_) | Var::AuthClient))
+                .cloned()
+        };
         if let Some(var) = node.path.as_ref().and_then(jwt) {
             return Some(format!("uses `{{{var}}}`"));
         }
@@ -950,7 +1166,9 @@ fn personal_fetches(nodes: &[FetchNode], links: &[Link]) -> Vec<(String, String)
 struct TemplateScope<'a> {
     /// The route path's parameters; `None` when the path itself is invalid (already reported).
     params: Option<&'a [String]>,
-    has_auth: bool,
+    identities: Identities,
+    /// The route has `auth: none`: no identity is known.
+    auth_none: bool,
     /// `{fetch.*}` is for the fetches of a `fetch` route; `link_fetches` checks the names.
     fetch_vars: bool,
 }
@@ -967,10 +1185,15 @@ fn compile_template(
                 &spec.referenced,
                 format!("`{{path.{p}}}` is not a parameter of the route's path"),
             ),
-            (Var::Jwt(claim), _) if !scope.has_auth => diags.at(
+            (Var::Jwt(_) | Var::AuthClient, _) if scope.auth_none => diags.at(
                 &spec.referenced,
-                format!("`{{jwt.{claim}}}` needs a verified token, but the policy has no `auth`"),
+                format!("`{{{var}}}` has no value on a route with `auth: none`"),
             ),
+            (Var::Jwt(_) | Var::AuthClient, _) => {
+                if let Some(reason) = scope.identities.lacks(var) {
+                    diags.at(&spec.referenced, reason);
+                }
+            }
             (Var::Fetch { .. }, _) if !scope.fetch_vars => diags.at(
                 &spec.referenced,
                 format!("`{{{var}}}` takes a value from another fetch's answer, so only the fetches of a `fetch` route can use it, not a `proxy` route"),

@@ -17,7 +17,7 @@ use indexmap::IndexMap;
 
 use crate::pipeline::route::RouteTable;
 use crate::projection::FieldMask;
-pub use raw::{Algorithm, CacheScope};
+pub use raw::{Algorithm, CacheScope, RouteAuth};
 pub use template::{RenderError, Template, Var};
 
 /// A validated policy: everything the proxy needs, nothing it has to check again.
@@ -25,13 +25,23 @@ pub use template::{RenderError, Template, Var};
 pub struct Policy {
     pub client: String,
     pub source: PathBuf,
-    pub auth: Option<JwtAuth>,
+    pub auth: Option<Auth>,
     pub upstreams: IndexMap<String, Arc<Upstream>>,
     /// One budget per client identity, shared by every matched route.
     pub rate_limit: Option<RateLimit>,
     pub routes: Vec<Arc<Route>>,
     pub table: RouteTable,
     pub fallthrough: Option<Arc<Upstream>>,
+}
+
+/// The client credentials a policy accepts. A request is judged by the first one it presents,
+/// in the order the policy lists them; a present but invalid one is never skipped for the next.
+#[derive(Debug)]
+pub struct Auth {
+    pub jwt: Option<JwtAuth>,
+    pub api_key: Option<ApiKeyAuth>,
+    /// `api_key` is listed before `jwt`.
+    pub api_key_first: bool,
 }
 
 #[derive(Debug, PartialEq)]
@@ -41,6 +51,17 @@ pub struct JwtAuth {
     pub algorithms: Vec<Algorithm>,
     pub keys: KeySource,
     pub leeway: Duration,
+    /// The cookie that may carry the token, besides `Authorization: Bearer`.
+    pub cookie: Option<String>,
+}
+
+/// Partner credentials: a key in `header`, known by the SHA-256 hashes in `keys_file`.
+#[derive(Debug)]
+pub struct ApiKeyAuth {
+    pub header: HeaderName,
+    pub keys_file: PathBuf,
+    /// The keys as the loader read them; the sidecar re-reads the file when it changes.
+    pub keys: crate::pipeline::auth::ApiKeySet,
 }
 
 #[derive(Debug, PartialEq)]
@@ -136,6 +157,9 @@ pub struct Route {
     pub method: Method,
     pub path: String,
     pub version: u32,
+    pub auth: RouteAuth,
+    /// Every one of these must be granted by the token's `scope` or `scp`.
+    pub scopes: Vec<String>,
     pub deadline: Option<Duration>,
     pub cache: Option<CachePolicy>,
     /// This route's own budget per client identity, on top of the policy's.

@@ -25,7 +25,8 @@ pub struct RawPolicy {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAuth {
-    pub jwt: Spanned<RawJwt>,
+    pub jwt: Option<Spanned<RawJwt>>,
+    pub api_key: Option<Spanned<RawApiKey>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,6 +39,16 @@ pub struct RawJwt {
     pub jwks_file: Option<Spanned<String>>,
     pub hs256_secret: Option<Spanned<String>>,
     pub leeway: Option<Humane>,
+    /// Also read the token from this cookie (after `Authorization: Bearer`).
+    pub cookie: Option<Spanned<String>>,
+}
+
+/// `api_key: { header: X-Api-Key, keys_file: PATH }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKey {
+    pub header: Spanned<String>,
+    pub keys_file: Spanned<String>,
 }
 
 /// The JWT signature algorithms a policy may allow.
@@ -102,6 +113,8 @@ pub struct RawRoute {
     pub method: Spanned<String>,
     pub path: Spanned<String>,
     pub version: Option<Spanned<u32>>,
+    pub auth: Option<Spanned<RouteAuth>>,
+    pub scopes: Option<Spanned<Vec<String>>>,
     pub deadline: Option<Spanned<Humane>>,
     pub cache: Option<Spanned<RawCache>>,
     pub rate_limit: Option<Spanned<RawRateLimit>>,
@@ -131,6 +144,16 @@ pub struct RawCache {
     pub beta: Option<Spanned<f64>>,
     pub stale_while_revalidate: Option<Humane>,
     pub degraded_ttl: Option<Humane>,
+}
+
+/// Whether a route needs a credential: `required` (the default when the policy has `auth`),
+/// `optional` (checked when present) or `none` (never looked at).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteAuth {
+    Required,
+    Optional,
+    None,
 }
 
 /// Whose response a cache entry is: one identity's, or everyone's.

@@ -19,6 +19,8 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Var {
     Jwt(String),
+    /// `{auth.client}`: the name of the API key the request presented.
+    AuthClient,
     Path(String),
     Query(String),
     /// A value from another fetch's answer (after its `select`): `{fetch.NAME.a.b}`.
@@ -32,6 +34,7 @@ impl fmt::Display for Var {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Var::Jwt(n) => write!(f, "jwt.{n}"),
+            Var::AuthClient => write!(f, "auth.client"),
             Var::Path(n) => write!(f, "path.{n}"),
             Var::Query(n) => write!(f, "query.{n}"),
             Var::Fetch { fetch, field } => write!(f, "fetch.{fetch}.{field}"),
@@ -160,7 +163,8 @@ fn kind(header: bool) -> &'static str {
     }
 }
 
-const SOURCES: &str = "use {jwt.CLAIM}, {path.NAME}, {query.NAME} or {fetch.NAME.FIELD}";
+const SOURCES: &str =
+    "use {jwt.CLAIM}, {auth.client}, {path.NAME}, {query.NAME} or {fetch.NAME.FIELD}";
 
 fn parse_var(text: &str) -> Result<Var, String> {
     let (namespace, name) = text
@@ -192,6 +196,10 @@ fn parse_var(text: &str) -> Result<Var, String> {
     let name = name.to_string();
     match namespace {
         "jwt" => Ok(Var::Jwt(name)),
+        "auth" if name == "client" => Ok(Var::AuthClient),
+        "auth" => Err(format!(
+            "`{{{text}}}`: `auth` offers only `{{auth.client}}`, the API key's name"
+        )),
         "path" => Ok(Var::Path(name)),
         "query" => Ok(Var::Query(name)),
         other => Err(format!("`{{{text}}}`: unknown source `{other}`; {SOURCES}")),

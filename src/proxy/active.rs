@@ -5,7 +5,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use crate::metrics::Metrics;
-use crate::pipeline::auth::Verifier;
+use crate::pipeline::auth::{ApiKeys, Verifier};
 use crate::pipeline::rate_limit::RateLimits;
 use crate::policy::Policy;
 use crate::upstream::Upstreams;
@@ -14,8 +14,10 @@ pub struct Active {
     pub policy: Policy,
     /// One client stack per upstream, shared by every route.
     pub upstreams: Upstreams,
-    /// Verifies client tokens when the policy has `auth`.
+    /// Verifies client tokens when the policy has `auth.jwt`.
     pub verifier: Option<Arc<Verifier>>,
+    /// Knows the partners' keys when the policy has `auth.api_key`.
+    pub api_keys: Option<ApiKeys>,
     /// The policy's and the routes' rate limits, with their buckets per client identity.
     pub rate_limits: RateLimits,
 }
@@ -26,17 +28,20 @@ impl Active {
     /// limit that did not change.
     pub fn new(policy: Policy, metrics: &Arc<Metrics>, previous: Option<&Active>) -> Active {
         let upstreams = Upstreams::build(&policy, metrics);
-        let verifier = policy.auth.as_ref().map(|auth| {
+        let auth = policy.auth.as_ref();
+        let verifier = auth.and_then(|a| a.jwt.as_ref()).map(|jwt| {
             previous
-                .filter(|p| p.policy.auth.as_ref() == Some(auth))
+                .filter(|p| p.policy.auth.as_ref().and_then(|a| a.jwt.as_ref()) == Some(jwt))
                 .and_then(|p| p.verifier.clone())
-                .unwrap_or_else(|| Arc::new(Verifier::new(auth)))
+                .unwrap_or_else(|| Arc::new(Verifier::new(jwt)))
         });
+        let api_keys = auth.and_then(|a| a.api_key.as_ref()).map(ApiKeys::new);
         let rate_limits = RateLimits::new(&policy, previous.map(|p| &p.rate_limits));
         Active {
             policy,
             upstreams,
             verifier,
+            api_keys,
             rate_limits,
         }
     }
@@ -44,6 +49,14 @@ impl Active {
     /// Ready to serve: the client tokens' keys are loaded (when there is `auth`).
     pub fn has_keys(&self) -> bool {
         self.verifier.as_ref().is_none_or(|v| v.has_keys())
+    }
+
+    /// Re-reads the files that Kubernetes rotates in place (API keys), keeping the last good
+    /// content when a new one is invalid.
+    pub fn refresh_files(&self) {
+        if let Some(keys) = &self.api_keys {
+            keys.refresh();
+        }
     }
 
     /// Loads the token keys unless they are loaded already.

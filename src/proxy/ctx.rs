@@ -25,6 +25,8 @@ pub struct RequestCtx {
     pub fallthrough: Option<Arc<Upstream>>,
     /// The verified token's claims, when the request carried one.
     pub claims: Option<Arc<Claims>>,
+    /// The name of the API key the request carried (`{auth.client}`).
+    pub api_client: Option<Arc<str>>,
     _in_flight: InFlight,
 }
 
@@ -39,6 +41,7 @@ impl RequestCtx {
             params: Vec::new(),
             fallthrough: None,
             claims: None,
+            api_client: None,
             _in_flight: InFlight::enter(in_flight),
         }
     }

@@ -1,6 +1,7 @@
 //! The bottom of an upstream's stack: the headers every internal call carries, and a pooled
 //! keep-alive HTTP/1.1 client that reads a 2xx JSON answer whole (decompressed, bounded).
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -64,6 +65,7 @@ pub fn prepare(upstream: &Upstream, client: &str, outbound: Outbound) -> Prepare
                     .claims
                     .as_deref()
                     .and_then(|claims| crate::pipeline::claim_value(claims, claim)),
+                Var::AuthClient => outbound.api_client.as_deref().map(Cow::Borrowed),
                 _ => None,
             })
             .map_err(|e| fail(format!("header `{name}`: {e}")))?;

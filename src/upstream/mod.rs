@@ -58,6 +58,7 @@ pub struct Caller<'a> {
     pub trace_id: &'a str,
     pub traceparent: Option<&'a HeaderValue>,
     pub claims: Option<&'a Arc<Claims>>,
+    pub api_client: Option<&'a Arc<str>>,
 }
 
 /// A call as it travels down the stack; cloned for each retry.
@@ -70,6 +71,7 @@ pub struct Outbound {
     pub trace_id: String,
     pub traceparent: Option<HeaderValue>,
     pub claims: Option<Arc<Claims>>,
+    pub api_client: Option<Arc<str>>,
     /// When the call's timeout ends (see `breaker`).
     pub deadline: Instant,
 }
@@ -216,6 +218,7 @@ impl UpstreamClient {
             trace_id: caller.trace_id.to_string(),
             traceparent: caller.traceparent.cloned(),
             claims: caller.claims.cloned(),
+            api_client: caller.api_client.cloned(),
             deadline,
         };
         let answer = tokio::time::timeout_at(

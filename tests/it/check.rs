@@ -411,7 +411,7 @@ fn jwt_variable_needs_auth() {
     // Without lines 2-7 (`auth`), the orders fetch path moves from line 28 to line 22.
     let yaml = remove(BASE, 2..=7);
     let message = assert_rejected(&yaml, 22, Some(15), "{jwt.sub}");
-    assert!(message.contains("no `auth`"), "{message}");
+    assert!(message.contains("no `auth.jwt`"), "{message}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -820,7 +820,7 @@ fn upstream_header_jwt_claim_needs_auth() {
     let yaml = remove(&yaml, 2..=7);
     let message = assert_rejected(&yaml, 8, Some(15), "{jwt.sub}");
     assert!(message.contains("header `X-User`"), "{message}");
-    assert!(message.contains("no `auth`"), "{message}");
+    assert!(message.contains("no `auth.jwt`"), "{message}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1160,4 +1160,149 @@ fn alias_bomb_is_refused() {
     }
     let yaml = edit(BASE, 31, " []", &bomb);
     assert_refused_cleanly(yaml.as_bytes());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Auth methods, route `auth` and `scopes`
+// ---------------------------------------------------------------------------------------------
+
+/// A keys file with one valid line, in a temp dir that lives as long as the value.
+fn keys_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.txt");
+    fs::write(&path, text).unwrap();
+    (dir, path.display().to_string())
+}
+
+const KEY_LINE: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae acme\n";
+
+/// BASE with `api_key` after `jwt` (lines 8-9) reading `file`.
+fn with_api_key(header: &str, file: &str) -> String {
+    insert(
+        BASE,
+        7,
+        &format!("  api_key:\n    header: {header}\n    keys_file: \"{file}\""),
+    )
+}
+
+#[test]
+fn api_keys_and_route_auth_load() {
+    let (_dir, file) = keys_file(KEY_LINE);
+    let yaml = with_api_key("X-Api-Key", &file);
+    // Three lines were inserted after line 7: `users` is on line 12, `method` on line 18.
+    let yaml = edit(
+        &yaml,
+        12,
+        "timeout: 300ms",
+        "timeout: 300ms, headers: { X-Partner: \"{auth.client}\" }",
+    );
+    assert_valid(&insert(&yaml, 18, "    auth: optional"));
+}
+
+#[test]
+fn auth_needs_a_method() {
+    let yaml = remove(BASE, 3..=7);
+    let yaml = edit(&yaml, 2, "auth:", "auth: {}");
+    let yaml = edit(&yaml, 23, "{jwt.sub}", "{path.id}");
+    assert_rejected(&yaml, 2, None, "at least one method");
+}
+
+#[test]
+fn api_key_header_cannot_be_a_credential_header() {
+    let (_dir, file) = keys_file(KEY_LINE);
+    for header in ["Authorization", "Cookie", "Host"] {
+        assert_rejected(
+            &with_api_key(header, &file),
+            9,
+            Some(13),
+            "use a header of its own",
+        );
+    }
+}
+
+#[test]
+fn api_keys_file_must_exist_and_hold_hashes() {
+    let message = assert_rejected(
+        &with_api_key("X-Api-Key", "/nonexistent/keys.txt"),
+        10,
+        Some(16),
+        "cannot read it",
+    );
+    assert!(message.contains("/nonexistent/keys.txt"), "{message}");
+    // A raw key where the hash belongs, on the file's line 2.
+    let (_dir, file) = keys_file(&format!("{KEY_LINE}sk_live_123 globex\n"));
+    let message = assert_rejected(
+        &with_api_key("X-Api-Key", &file),
+        10,
+        Some(16),
+        "line 2: `sk_live_123` is not a SHA-256 hash",
+    );
+    assert!(!message.contains("acme"), "{message}");
+}
+
+#[test]
+fn jwt_cookie_name_must_be_a_token() {
+    let yaml = insert(BASE, 7, "    cookie: \"my session\"");
+    assert_rejected(&yaml, 8, Some(13), "not a valid cookie name");
+}
+
+#[test]
+fn route_auth_needs_policy_auth() {
+    let yaml = remove(BASE, 2..=7);
+    // Without `auth`, `{jwt.sub}` (line 22) is refused too: use the path instead.
+    let yaml = edit(&yaml, 22, "{jwt.sub}", "{path.id}");
+    let yaml = insert(&yaml, 10, "    auth: required");
+    assert_rejected(&yaml, 11, Some(11), "needs the policy's `auth` section");
+    assert_valid(&edit(&yaml, 11, "required", "none"));
+}
+
+#[test]
+fn route_auth_is_one_of_three() {
+    let yaml = insert(BASE, 15, "    auth: sometimes");
+    assert_rejected(&yaml, 16, Some(11), "sometimes");
+}
+
+#[test]
+fn scopes_need_a_required_token() {
+    let yaml = insert(BASE, 15, "    auth: optional\n    scopes: [orders.read]");
+    assert_rejected(&yaml, 17, Some(13), "need `auth: required`");
+    let yaml = insert(BASE, 15, "    scopes: []");
+    assert_rejected(&yaml, 16, Some(13), "at least one scope");
+    let yaml = insert(BASE, 15, "    scopes: [\"orders read\"]");
+    assert_rejected(&yaml, 16, Some(13), "is not a scope");
+    assert_valid(&insert(
+        BASE,
+        15,
+        "    scopes: [orders.read, \"profile:write\"]",
+    ));
+
+    let (_dir, file) = keys_file(KEY_LINE);
+    let keys_only = remove(&with_api_key("X-Api-Key", &file), 3..=7);
+    // Lines from 8 on moved up by two: `{jwt.sub}` is on line 26, `method` on line 13.
+    let keys_only = edit(&keys_only, 26, "{jwt.sub}", "{auth.client}");
+    let yaml = insert(&keys_only, 13, "    scopes: [orders.read]");
+    assert_rejected(&yaml, 14, Some(13), "no `auth.jwt`");
+}
+
+#[test]
+fn identity_variables_need_their_method_and_a_route_that_authenticates() {
+    let yaml = edit(BASE, 28, "{jwt.sub}", "{auth.client}");
+    assert_rejected(&yaml, 28, Some(15), "no `auth.api_key`");
+    let yaml = insert(BASE, 15, "    auth: none");
+    assert_rejected(&yaml, 29, Some(15), "no value on a route with `auth: none`");
+    // An upstream header that sends the subject makes every route calling it personal.
+    let yaml = edit(
+        BASE,
+        9,
+        "timeout: 300ms",
+        "timeout: 300ms, headers: { X-User: \"{jwt.sub}\" }",
+    );
+    let yaml = edit(&yaml, 28, "{jwt.sub}", "{path.id}");
+    let yaml = insert(&yaml, 15, "    auth: none");
+    assert_rejected(
+        &yaml,
+        16,
+        Some(11),
+        "calls upstream `users`, whose header `x-user`",
+    );
 }

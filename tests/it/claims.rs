@@ -42,6 +42,7 @@ routes:
   - name: public
     method: GET
     path: /public
+    auth: optional
     fetch:
       info: {{ upstream: info, path: /info, critical: true, fields: [name] }}
 "#
@@ -171,7 +172,7 @@ async fn hostile_or_missing_tokens_get_401_and_never_reach_an_upstream() {
         "no upstream is called without a verified identity"
     );
 
-    // A route that needs no claim serves anonymous requests, but never a bad token; one whose
+    // A route with `auth: optional` serves anonymous requests, but never a bad token; one whose
     // upstream sends a claim in a header needs a token like one using it in the path.
     assert_eq!(get_with(&bff, "/public", None).await.status, 200);
     let forged = format!("Bearer {forged}");

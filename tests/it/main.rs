@@ -1,5 +1,6 @@
 //! Integration tests for `bff`: one test binary (`cargo test --test it`) so Pingora links once.
 
+mod auth_methods;
 mod check;
 mod claims;
 mod fanout;

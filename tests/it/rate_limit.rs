@@ -1,6 +1,6 @@
 //! Rate limits against the real binary: 429 `RATE_LIMITED` with `Retry-After` beyond the burst,
-//! the upstream never called for a refused request, a budget per `sub` or (without one) per
-//! client address, the policy's and a route's limits together, buckets kept across a reload of
+//! the upstream never called for a refused request, a budget per `sub`, per API key name, or
+//! (without either) per client address, the policy's and a route's limits together, buckets kept across a reload of
 //! an unchanged limit; and the loader's rules for `rate_limit`. Every limit refills by the hour,
 //! so nothing comes back while a test runs.
 
@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpSocket;
 
@@ -17,8 +18,8 @@ use crate::support::{http, raw, write_policy, Bff, MockReply, MockServer, TempPo
 
 const SECRET: &str = "rate-limit-test-secret-of-32-bytes-or-more";
 
-/// A policy with `auth` (HS256), a fetch route `a`, a proxy route `b` and an app to fall
-/// through to. `policy_limit` is a top-level line (or empty), `route_limit` a line of route `b`.
+/// A policy with `auth` (HS256), a fetch route `a` that anonymous clients may call, a proxy
+/// route `b` that needs a token, and an app to fall through to. `policy_limit` is a top-level line (or empty), `route_limit` a line of route `b`.
 fn policy(svc: &MockServer, app: &MockServer, policy_limit: &str, route_limit: &str) -> String {
     format!(
         r#"client: mobile
@@ -36,6 +37,7 @@ routes:
   - name: a
     method: GET
     path: /a
+    auth: optional
     fetch:
       info: {{ upstream: svc, path: /a, critical: true, fields: [name] }}
   - name: b
@@ -291,6 +293,64 @@ async fn a_reload_keeps_the_buckets_of_unchanged_limits() {
     assert_limited(&get(&s.bff, "/b", Some(&ada)).await, 3600);
     assert_limited(&get(&s.bff, "/b", Some(&bob)).await, 3600);
     assert_eq!((calls(&s.svc, "/a"), calls(&s.svc, "/b")), (3, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_is_limited_by_its_name() {
+    let svc = MockServer::start(|_| MockReply::json(200, json!({"name": "Acme"})));
+    let file = write_policy(&format!(
+        r#"client: partners
+auth:
+  api_key: {{ header: X-Api-Key, keys_file: keys.txt }}
+  jwt:
+    issuer: https://id.example.com/
+    audience: mobile-app
+    algorithms: [HS256]
+    hs256_secret: "{SECRET}"
+rate_limit: {{ requests: 1, per: 1h, burst: 2 }}
+upstreams:
+  svc: {{ url: "{svc}", timeout: 2s }}
+routes:
+  - name: a
+    method: GET
+    path: /a
+    auth: optional
+    fetch:
+      info: {{ upstream: svc, path: /a, critical: true, fields: [name] }}
+"#,
+        svc = svc.url()
+    ));
+    let sha256 = |key: &str| format!("{:x}", Sha256::digest(key.as_bytes()));
+    std::fs::write(
+        file.dir().join("keys.txt"),
+        format!(
+            "{}  acme\n{}  acme\n{}  globex\n",
+            sha256("acme-key-1"),
+            sha256("acme-key-2"),
+            sha256("globex-key-1")
+        ),
+    )
+    .expect("write the keys file");
+    let bff = Bff::start(file.path()).await;
+    let with_key = |key: &'static str| {
+        let bff = &bff;
+        async move { http::send("GET", &bff.url("/a"), &[("x-api-key", key)], "").await }
+    };
+
+    // Two keys of one partner share its budget.
+    assert_eq!(with_key("acme-key-1").await.status, 200);
+    assert_eq!(with_key("acme-key-2").await.status, 200);
+    assert_limited(&with_key("acme-key-1").await, 3600);
+    assert_eq!(with_key("globex-key-1").await.status, 200);
+    // A token whose `sub` is the partner's name, and a request with neither, count apart.
+    assert_eq!(
+        get(&bff, "/a", Some(&token(Some("acme")))).await.status,
+        200
+    );
+    assert_eq!(get(&bff, "/a", None).await.status, 200);
+    assert_eq!(calls(&svc, "/a"), 5);
+    let labels = [("client", "partners"), ("route", "a")];
+    assert_eq!(metric(&bff, "bff_rate_limited_total", &labels).await, 1.0);
 }
 
 /// Waits until `bff_policy_reloads_total{result="ok"}` reaches `count` (the file is polled

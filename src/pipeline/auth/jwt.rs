@@ -1,4 +1,5 @@
-//! auth: the client's bearer token → verified claims.
+//! auth::jwt: the client's token (`Authorization: Bearer`, or the policy's cookie) → verified
+//! claims.
 //!
 //! A [`Verifier`] is built from the policy's `auth.jwt` block. It accepts only the algorithms
 //! the policy lists, and only with a key of the matching kind: HS256 only with the policy's
@@ -16,7 +17,7 @@ use arc_swap::ArcSwap;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION};
+use http::header::{ACCEPT, AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderValue};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -28,6 +29,7 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::io::AsyncReadExt;
 
+use super::AuthFailure;
 use crate::policy::{self, JwtAuth, KeySource};
 use crate::proxy::Claims;
 use crate::upstream::error_chain;
@@ -54,6 +56,8 @@ pub struct Verifier {
     keys: ArcSwap<Vec<Key>>,
     /// When the last on-demand refetch started; held while it runs.
     refetch: tokio::sync::Mutex<Option<Instant>>,
+    /// The cookie that may carry the token when there is no `Authorization` header.
+    cookie: Option<String>,
 }
 
 enum Source {
@@ -81,42 +85,6 @@ pub struct KeyLoadError {
     /// The JWKS URL or file.
     pub location: String,
     pub reason: String,
-}
-
-/// Why a presented token was refused (the `reason` label of `bff_auth_failures_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum AuthFailure {
-    #[error("malformed bearer token")]
-    Malformed,
-    #[error("bad token signature")]
-    BadSignature,
-    #[error("token expired")]
-    Expired,
-    #[error("token not yet valid")]
-    NotYetValid,
-    #[error("wrong token issuer")]
-    WrongIssuer,
-    #[error("wrong token audience")]
-    WrongAudience,
-    #[error("unknown signing key")]
-    UnknownKey,
-    #[error("token algorithm not allowed")]
-    DisallowedAlg,
-}
-
-impl AuthFailure {
-    pub fn reason(self) -> &'static str {
-        match self {
-            AuthFailure::Malformed => "malformed",
-            AuthFailure::BadSignature => "bad_signature",
-            AuthFailure::Expired => "expired",
-            AuthFailure::NotYetValid => "not_yet_valid",
-            AuthFailure::WrongIssuer => "wrong_issuer",
-            AuthFailure::WrongAudience => "wrong_audience",
-            AuthFailure::UnknownKey => "unknown_key",
-            AuthFailure::DisallowedAlg => "disallowed_alg",
-        }
-    }
 }
 
 impl Verifier {
@@ -160,6 +128,7 @@ impl Verifier {
             validations,
             keys: ArcSwap::from_pointee(Vec::new()),
             refetch: tokio::sync::Mutex::new(None),
+            cookie: auth.cookie.clone(),
         }
     }
 
@@ -184,17 +153,30 @@ impl Verifier {
         matches!(self.source, Source::Secret(_)) || !self.keys.load().is_empty()
     }
 
-    /// Reads `Authorization: Bearer <token>` (the scheme case-insensitively).
-    /// `Ok(None)`: no `Authorization` header; `Ok(Some(claims))`: a verified token.
-    pub async fn verify(&self, headers: &HeaderMap) -> Result<Option<Claims>, AuthFailure> {
+    /// The token the request presents: `Authorization: Bearer <token>` (the scheme
+    /// case-insensitively), else the policy's cookie. `None`: it presents neither.
+    pub fn presented<'h>(&self, headers: &'h HeaderMap) -> Option<Result<&'h str, AuthFailure>> {
         let mut values = headers.get_all(AUTHORIZATION).iter();
-        let Some(value) = values.next() else {
-            return Ok(None);
-        };
-        if values.next().is_some() {
-            return Err(AuthFailure::Malformed);
+        if let Some(value) = values.next() {
+            if values.next().is_some() {
+                return Some(Err(AuthFailure::Malformed));
+            }
+            return Some(bearer_token(value));
         }
-        let token = bearer_token(value)?;
+        let cookie = cookie_value(headers, self.cookie.as_deref()?)?;
+        Some(cookie.and_then(token_shape))
+    }
+
+    /// Verifies the token the request presents, if any: `Ok(None)` when it presents none.
+    pub async fn verify(&self, headers: &HeaderMap) -> Result<Option<Arc<Claims>>, AuthFailure> {
+        match self.presented(headers) {
+            None => Ok(None),
+            Some(token) => self.verify_token(token?).await.map(Some),
+        }
+    }
+
+    /// Checks a token's signature, algorithm and claims.
+    pub async fn verify_token(&self, token: &str) -> Result<Arc<Claims>, AuthFailure> {
         let header = jose_header(token)?;
         let alg: Algorithm = header.alg.parse().map_err(|_| AuthFailure::DisallowedAlg)?;
         let (alg, validation) = self
@@ -209,7 +191,7 @@ impl Verifier {
                 jsonwebtoken::decode::<Claims>(token, &keys[at].key, validation)
             }
         };
-        data.map(|data| Some(data.claims))
+        data.map(|data| Arc::new(data.claims))
             .map_err(|e| failure(e.kind()))
     }
 
@@ -282,7 +264,7 @@ fn jwt_alg(alg: policy::Algorithm) -> Algorithm {
     }
 }
 
-/// The token of `Bearer <token>`: bounded in size, three base64url parts.
+/// The token of `Bearer <token>`.
 fn bearer_token(value: &HeaderValue) -> Result<&str, AuthFailure> {
     let value = value.to_str().map_err(|_| AuthFailure::Malformed)?;
     let (scheme, token) = value
@@ -292,7 +274,33 @@ fn bearer_token(value: &HeaderValue) -> Result<&str, AuthFailure> {
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(AuthFailure::Malformed);
     }
-    let token = token.trim_start_matches(' ');
+    token_shape(token.trim_start_matches(' '))
+}
+
+/// The first cookie called `name` (RFC 6265 sends the most specific one first), its value
+/// unquoted; an `Err` when a `Cookie` header is not text.
+fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<Result<&'h str, AuthFailure>> {
+    for header in headers.get_all(COOKIE) {
+        let Ok(text) = header.to_str() else {
+            return Some(Err(AuthFailure::Malformed));
+        };
+        let found = text.split(';').find_map(|pair| {
+            let (n, v) = pair.trim().split_once('=')?;
+            (n.trim() == name).then(|| v.trim())
+        });
+        if let Some(value) = found {
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            return Some(Ok(value));
+        }
+    }
+    None
+}
+
+/// A token as it must look before any decoding: bounded in size, three base64url parts.
+fn token_shape(token: &str) -> Result<&str, AuthFailure> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(AuthFailure::Malformed);
     }
@@ -543,6 +551,7 @@ mod tests {
             algorithms: algorithms.to_vec(),
             keys,
             leeway: Duration::from_secs(30),
+            cookie: None,
         }
     }
 
@@ -610,7 +619,7 @@ mod tests {
         format!("{}.{rest}", b64url(header.to_string().as_bytes()))
     }
 
-    async fn check(verifier: &Verifier, token: &str) -> Result<Option<Claims>, AuthFailure> {
+    async fn check(verifier: &Verifier, token: &str) -> Result<Option<Arc<Claims>>, AuthFailure> {
         verifier.verify(&bearer(&format!("Bearer {token}"))).await
     }
 
@@ -664,23 +673,6 @@ mod tests {
         ));
         assert!(!url.has_keys() && !file.has_keys());
         assert!(secret_verifier().has_keys());
-    }
-
-    #[test]
-    fn reasons_are_the_metric_labels() {
-        let all = [
-            (AuthFailure::Malformed, "malformed"),
-            (AuthFailure::BadSignature, "bad_signature"),
-            (AuthFailure::Expired, "expired"),
-            (AuthFailure::NotYetValid, "not_yet_valid"),
-            (AuthFailure::WrongIssuer, "wrong_issuer"),
-            (AuthFailure::WrongAudience, "wrong_audience"),
-            (AuthFailure::UnknownKey, "unknown_key"),
-            (AuthFailure::DisallowedAlg, "disallowed_alg"),
-        ];
-        for (failure, reason) in all {
-            assert_eq!(failure.reason(), reason);
-        }
     }
 
     #[test]
