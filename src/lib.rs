@@ -7,6 +7,7 @@
 //! client ─▶ edge         trace id, loop refusal (508)   pipeline::edge
 //!        ─▶ route        method + path → Route          pipeline::route (404/405, or fall through)
 //!        ─▶ auth         bearer JWT → claims (401)      pipeline::auth
+//!        ─▶ rate limit   sub, API key or address (429)  pipeline::rate_limit
 //!        ─▶ inputs       path, query, claims checked    pipeline::inputs
 //!        ─▶ fan-out      every fetch at once, projected pipeline::fanout, upstream, projection
 //!        ─▶ assemble     {meta, sections}, degradation  pipeline::assemble

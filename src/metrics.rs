@@ -30,6 +30,8 @@ pub struct Metrics {
     pub loops_refused_total: IntCounterVec,
     /// `{client,reason}`: requests refused for their token (see `pipeline::auth`).
     pub auth_failures_total: IntCounterVec,
+    /// `{client,route}`: requests refused by a rate limit (see `pipeline::rate_limit`).
+    pub rate_limited_total: IntCounterVec,
     pub policy_reloads_total: IntCounterVec,
     pub in_flight_requests: IntGauge,
 }
@@ -157,6 +159,11 @@ impl Metrics {
                 "bff_auth_failures_total",
                 "Requests refused for their token, by reason.",
                 &["client", "reason"],
+            ),
+            rate_limited_total: counter(
+                "bff_rate_limited_total",
+                "Requests refused with 429 because their client identity was over a rate limit.",
+                &route,
             ),
             policy_reloads_total: counter(
                 "bff_policy_reloads_total",

@@ -171,6 +171,7 @@ impl BackgroundService for PolicyWatch {
                     self.reload("SIGHUP").await;
                 }
                 _ = poll.tick() => {
+                    self.shared.policy.load().rate_limits.sweep();
                     let now = read();
                     if now.is_some() && now != seen {
                         seen = now;

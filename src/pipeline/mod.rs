@@ -1,11 +1,14 @@
 //! The request pipeline, one stage per module, in the order a request meets them:
-//! edge (trace id, loop check) → route → auth (credential, route's `auth` and `scopes`) → inputs → fanout (calls, each answer
-//! projected) → assemble → respond → observe; `proxy` routes take proxy_route instead of
-//! fanout and assemble. Auth follows routing because only matched routes need a token.
+//! edge (trace id, loop check) → route → auth (credential, route's `auth` and `scopes`) →
+//! rate_limit → inputs → fanout (calls, each answer projected) → assemble → respond → observe;
+//! `proxy` routes take proxy_route instead of fanout and assemble. Auth follows routing because
+//! only matched routes need a token; rate limits follow auth because the verified credential
+//! names the identity they count.
 
 pub mod edge;
 pub mod route;
 pub mod auth;
+pub mod rate_limit;
 pub mod inputs;
 pub mod fanout;
 pub mod assemble;
@@ -61,6 +64,9 @@ pub async fn handle(
                     refuse(session, ctx, shared, &refusal).await?;
                     return Ok(true);
                 }
+            }
+            if rate_limit::refused(session, ctx, shared).await? {
+                return Ok(true);
             }
             match &route.action {
                 Action::Proxy(target) => {

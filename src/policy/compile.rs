@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +17,8 @@ use super::secrets;
 use super::template::{Template, Var};
 use super::{
     Action, ApiKeyAuth, Auth, BreakerPolicy, CachePolicy, Credential, CriticalFailure, Diagnostic,
-    Fetch, JwtAuth, KeySource, OAuth2Client, Policy, ProxyTarget, RetryPolicy, Route, RouteAuth,
-    SecretText, Upstream,
+    Fetch, JwtAuth, KeySource, OAuth2Client, Policy, ProxyTarget, RateLimit, RetryPolicy, Route,
+    RouteAuth, SecretText, Upstream,
 };
 use crate::pipeline::auth::ApiKeySet;
 use crate::pipeline::route::RouteTable;
@@ -102,6 +103,10 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
         found
     };
 
+    let rate_limit = raw
+        .rate_limit
+        .and_then(|r| compile_rate_limit(r, "", &mut diags));
+
     let mut routes = Vec::new();
     let mut names = HashSet::new();
     let mut route_locations = Vec::new();
@@ -142,6 +147,7 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
             source: path.to_path_buf(),
             auth,
             upstreams,
+            rate_limit,
             routes,
             table,
             fallthrough,
@@ -924,6 +930,9 @@ fn compile_route(
         }
     }
     let cache = spec.cache.map(|c| compile_cache(c, &personal, diags));
+    let rate_limit = spec
+        .rate_limit
+        .and_then(|r| compile_rate_limit(r, &format!("route `{name}`: "), diags));
     let on_critical_failure = spec
         .on_critical_failure
         .map(|c| compile_critical_failure(c, diags))
@@ -949,6 +958,7 @@ fn compile_route(
         scopes,
         deadline: spec.deadline.map(|d| d.value.0),
         cache: cache.flatten(),
+        rate_limit,
         headers,
         on_critical_failure,
         action,
@@ -1394,6 +1404,79 @@ fn compile_cache(
         stale_while_revalidate: spec.stale_while_revalidate.map_or(Duration::ZERO, |d| d.0),
         degraded_ttl: spec.degraded_ttl.map(|d| d.0),
     })
+}
+
+/// `owner`: how messages start (`route `x`: `), empty for the policy's own limit.
+fn compile_rate_limit(
+    spec: Spanned<raw::RawRateLimit>,
+    owner: &str,
+    diags: &mut Diagnostics,
+) -> Option<RateLimit> {
+    let spec = spec.value;
+    let requests = NonZeroU32::new(spec.requests.value);
+    if requests.is_none() {
+        diags.at(
+            &spec.requests.referenced,
+            format!("{owner}`rate_limit.requests` must be at least 1"),
+        );
+    }
+    let per = spec.per.value.0;
+    if per.is_zero() {
+        diags.at(
+            &spec.per.referenced,
+            format!("{owner}`rate_limit.per` must be longer than zero"),
+        );
+    }
+    let burst = match &spec.burst {
+        Some(b) => {
+            let burst = NonZeroU32::new(b.value);
+            if burst.is_none() {
+                diags.at(
+                    &b.referenced,
+                    format!("{owner}`rate_limit.burst` must be at least 1 (leave it out to allow `requests` at once)"),
+                );
+            }
+            burst
+        }
+        None => requests,
+    };
+    let limit = RateLimit {
+        requests: requests?,
+        per,
+        burst: burst?,
+    };
+    // The limiter spends one request every `per / requests`, counted in whole nanoseconds.
+    if !per.is_zero() && limit.interval().is_zero() {
+        diags.at(
+            &spec.requests.referenced,
+            format!(
+                "{owner}`rate_limit` of {} requests per {} is more than one a nanosecond; use fewer `requests` or a longer `per`",
+                limit.requests,
+                humantime::format_duration(per)
+            ),
+        );
+        return None;
+    }
+    // Buckets count time in u64 nanoseconds (about 584 years); a year is plenty for a budget.
+    const LONGEST_REFILL: Duration = Duration::from_secs(366 * 24 * 3600);
+    let refill = limit.interval().checked_mul(limit.burst.get());
+    if refill.is_none_or(|refill| refill > LONGEST_REFILL) {
+        let at = spec
+            .burst
+            .as_ref()
+            .map_or(spec.per.referenced, |b| b.referenced);
+        diags.at(
+            &at,
+            format!(
+                "{owner}`rate_limit` would take more than a year to refill a burst of {} at {} requests per {}; use a smaller `burst` or a shorter `per`",
+                limit.burst,
+                limit.requests,
+                humantime::format_duration(per)
+            ),
+        );
+        return None;
+    }
+    (!per.is_zero()).then_some(limit)
 }
 
 fn compile_critical_failure(

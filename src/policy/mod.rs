@@ -7,6 +7,7 @@ pub mod secrets;
 pub mod template;
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,8 @@ pub struct Policy {
     pub source: PathBuf,
     pub auth: Option<Auth>,
     pub upstreams: IndexMap<String, Arc<Upstream>>,
+    /// One budget per client identity, shared by every matched route.
+    pub rate_limit: Option<RateLimit>,
     pub routes: Vec<Arc<Route>>,
     pub table: RouteTable,
     pub fallthrough: Option<Arc<Upstream>>,
@@ -204,6 +207,8 @@ pub struct Route {
     pub scopes: Vec<String>,
     pub deadline: Option<Duration>,
     pub cache: Option<CachePolicy>,
+    /// This route's own budget per client identity, on top of the policy's.
+    pub rate_limit: Option<RateLimit>,
     /// Response headers the route adds (e.g. `Cache-Control`).
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub on_critical_failure: CriticalFailure,
@@ -248,6 +253,22 @@ pub struct ProxyTarget {
     pub upstream: Arc<Upstream>,
     pub path: Template,
     pub fields: FieldMask,
+}
+
+/// How many requests one client identity may make: `burst` at once, then `requests` every
+/// `per`, spread evenly (one every `per / requests`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: NonZeroU32,
+    pub per: Duration,
+    pub burst: NonZeroU32,
+}
+
+impl RateLimit {
+    /// How long one spent request takes to come back; the loader keeps it above zero.
+    pub fn interval(&self) -> Duration {
+        self.per / self.requests.get()
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -15,6 +15,7 @@ pub struct RawPolicy {
     pub auth: Option<Spanned<RawAuth>>,
     #[serde(default)]
     pub upstreams: Named<RawUpstream>,
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
@@ -129,11 +130,22 @@ pub struct RawRoute {
     pub scopes: Option<Spanned<Vec<String>>>,
     pub deadline: Option<Spanned<Humane>>,
     pub cache: Option<Spanned<RawCache>>,
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
     #[serde(default)]
     pub headers: Named<String>,
     pub on_critical_failure: Option<Spanned<RawCriticalFailure>>,
     pub fetch: Option<Spanned<Named<RawFetch>>>,
     pub proxy: Option<Spanned<RawProxy>>,
+}
+
+/// `rate_limit: { requests: 10, per: 1s, burst: 20 }`, for the whole policy or one route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub requests: Spanned<u32>,
+    pub per: Spanned<Humane>,
+    /// Defaults to `requests`.
+    pub burst: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::metrics::Metrics;
 use crate::pipeline::auth::{ApiKeys, Verifier};
+use crate::pipeline::rate_limit::RateLimits;
 use crate::policy::Policy;
 use crate::upstream::Upstreams;
 
@@ -17,11 +18,14 @@ pub struct Active {
     pub verifier: Option<Arc<Verifier>>,
     /// Knows the partners' keys when the policy has `auth.api_key`.
     pub api_keys: Option<ApiKeys>,
+    /// The policy's and the routes' rate limits, with their buckets per client identity.
+    pub rate_limits: RateLimits,
 }
 
 impl Active {
     /// `previous`: the policy in force, whose token verifier (and the keys it holds) is kept
-    /// when the `auth` section did not change.
+    /// when the `auth` section did not change, and whose rate-limit buckets are kept for each
+    /// limit that did not change.
     pub fn new(policy: Policy, metrics: &Arc<Metrics>, previous: Option<&Active>) -> Active {
         let upstreams = Upstreams::build(&policy, metrics);
         let auth = policy.auth.as_ref();
@@ -32,11 +36,13 @@ impl Active {
                 .unwrap_or_else(|| Arc::new(Verifier::new(jwt)))
         });
         let api_keys = auth.and_then(|a| a.api_key.as_ref()).map(ApiKeys::new);
+        let rate_limits = RateLimits::new(&policy, previous.map(|p| &p.rate_limits));
         Active {
             policy,
             upstreams,
             verifier,
             api_keys,
+            rate_limits,
         }
     }
 

@@ -20,7 +20,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A small valid policy touching every section. The trailing comments are line numbers; an
 /// `insert` shifts the lines below it.
-const BASE: &str = r#"client: web                                              # 1
+pub(crate) const BASE: &str = r#"client: web                                              # 1
 auth:                                                    # 2
   jwt:                                                   # 3
     issuer: https://id.example.com/                      # 4
@@ -80,7 +80,7 @@ fn edit(yaml: &str, line: usize, from: &str, to: &str) -> String {
 }
 
 /// `yaml` with `text` (one or more lines) inserted after line `after` (1-based).
-fn insert(yaml: &str, after: usize, text: &str) -> String {
+pub(crate) fn insert(yaml: &str, after: usize, text: &str) -> String {
     let mut lines: Vec<&str> = yaml.lines().collect();
     assert!(after <= lines.len());
     lines.splice(after..after, text.lines());
@@ -197,7 +197,7 @@ fn diagnostics(file: &Path, stderr: &str) -> Vec<Diag> {
 
 /// Asserts `yaml` passes: exit 0, `FILE: ok` on stdout, nothing on stderr.
 #[track_caller]
-fn assert_valid(yaml: &str) {
+pub(crate) fn assert_valid(yaml: &str) {
     let (code, stdout, stderr) = check(yaml);
     assert_eq!(
         (code, stdout.as_str(), stderr.trim()),
@@ -210,7 +210,7 @@ fn assert_valid(yaml: &str) {
 /// Asserts `yaml` fails with exactly one diagnostic, at `line` (and `col` when given), whose
 /// message contains `phrase`. Returns the message.
 #[track_caller]
-fn assert_rejected(yaml: &str, line: u64, col: Option<u64>, phrase: &str) -> String {
+pub(crate) fn assert_rejected(yaml: &str, line: u64, col: Option<u64>, phrase: &str) -> String {
     let (code, stdout, stderr) = check(yaml);
     let context = format!("policy:\n{}stderr:\n{stderr}", numbered(yaml));
     assert_eq!(code, 1, "exit code; {context}");

@@ -10,4 +10,5 @@ mod hostile;
 mod lifecycle;
 mod passthrough;
 mod proxy_route;
+mod rate_limit;
 mod support;

@@ -1,0 +1,293 @@
+//! Rate limits per client identity: the policy's `rate_limit`, one budget shared by every matched
+//! route, and a route's own `rate_limit` on top of it. Each is a GCRA bucket per identity
+//! (governor): the token's `sub`, the API key's name, or the client's address. A request over
+//! either limit is answered `RATE_LIMITED` 429 with `Retry-After`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota, RateLimiter};
+use http::HeaderValue;
+use pingora::proxy::Session;
+
+use super::respond;
+use crate::envelope::ErrorCode;
+use crate::policy::{Policy, RateLimit};
+use crate::proxy::{RequestCtx, Shared};
+
+/// Who a request counts against. The variants keep a `sub` that looks like an address apart
+/// from that address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// The verified token's `sub` claim.
+    Subject(String),
+    /// The name of the verified API key (`{auth.client}`).
+    ApiClient(Arc<str>),
+    /// Neither: the client's IP address (IPv6: its /64, see [`address_key`]).
+    Address(IpAddr),
+    /// Neither, and no IP address (not a TCP client): such clients share one budget.
+    Unknown,
+}
+
+/// The identity a request is limited as: the verified token's `sub`, else the API key's name,
+/// else the client's address.
+pub fn identity(session: &Session, ctx: &RequestCtx) -> Identity {
+    let subject = ctx
+        .claims
+        .as_ref()
+        .and_then(|claims| claims.get("sub"))
+        .and_then(|sub| sub.as_str())
+        .filter(|sub| !sub.is_empty());
+    if let Some(sub) = subject {
+        return Identity::Subject(sub.to_string());
+    }
+    if let Some(name) = &ctx.api_client {
+        return Identity::ApiClient(name.clone());
+    }
+    match session.client_addr().and_then(|addr| addr.as_inet()) {
+        Some(addr) => Identity::Address(address_key(addr.ip())),
+        None => Identity::Unknown,
+    }
+}
+
+/// IPv4 addresses (also when mapped into IPv6) count one by one; IPv6 addresses by their /64,
+/// because one host usually holds a whole /64 and could otherwise take a fresh budget, and a
+/// fresh bucket in memory, for every request.
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)))),
+        v4 => v4,
+    }
+}
+
+/// One `rate_limit`: a bucket per identity.
+pub struct Limiter<C: Clock = DefaultClock> {
+    limit: RateLimit,
+    buckets: RateLimiter<Identity, DashMapStateStore<Identity>, C, NoOpMiddleware<C::Instant>>,
+}
+
+impl Limiter {
+    pub fn new(limit: RateLimit) -> Self {
+        Limiter::with_clock(limit, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> Limiter<C> {
+    fn with_clock(limit: RateLimit, clock: C) -> Self {
+        // The loader refuses a zero interval, so the fallback is never taken.
+        let quota = Quota::with_period(limit.interval())
+            .unwrap_or_else(|| Quota::per_second(limit.requests))
+            .allow_burst(limit.burst);
+        Limiter {
+            limit,
+            buckets: RateLimiter::dashmap_with_clock(quota, clock),
+        }
+    }
+
+    /// Spends one request of `who`'s budget, or tells how long until one is back.
+    fn check(&self, who: &Identity) -> Result<(), Duration> {
+        self.buckets
+            .check_key(who)
+            .map_err(|not_until| not_until.wait_time_from(self.buckets.clock().now()))
+    }
+
+    /// Forgets the identities whose buckets are full again (a fresh bucket is the same), so
+    /// memory follows the clients seen recently, not every client ever seen.
+    fn sweep(&self) {
+        self.buckets.retain_recent();
+        self.buckets.shrink_to_fit();
+    }
+}
+
+/// The limiters of one policy: the policy's own and each route's, by route name.
+#[derive(Default)]
+pub struct RateLimits {
+    policy: Option<Arc<Limiter>>,
+    routes: HashMap<String, Arc<Limiter>>,
+}
+
+impl RateLimits {
+    /// `previous`: the limiters in force; a limit that did not change keeps its buckets, so a
+    /// reload does not hand every client a fresh budget.
+    pub fn new(policy: &Policy, previous: Option<&RateLimits>) -> RateLimits {
+        let build = |limit: RateLimit, old: Option<&Arc<Limiter>>| {
+            old.filter(|old| old.limit == limit)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Limiter::new(limit)))
+        };
+        let routes = policy
+            .routes
+            .iter()
+            .filter_map(|route| {
+                let old = previous.and_then(|p| p.routes.get(&route.name));
+                Some((route.name.clone(), build(route.rate_limit?, old)))
+            })
+            .collect();
+        RateLimits {
+            policy: policy
+                .rate_limit
+                .map(|limit| build(limit, previous.and_then(|p| p.policy.as_ref()))),
+            routes,
+        }
+    }
+
+    fn limits(&self, route: &str) -> impl Iterator<Item = &Arc<Limiter>> {
+        self.policy.iter().chain(self.routes.get(route))
+    }
+
+    /// Spends one request of `who`'s budget for `route`, or tells how long until the limit that
+    /// refused it has one again. The policy's limit is asked first: a request it refuses leaves
+    /// the route's bucket alone, and one the route's limit refuses has still spent from the
+    /// policy's (governor cannot give a request back).
+    fn check(&self, route: &str, who: &Identity) -> Result<(), Duration> {
+        self.limits(route)
+            .try_for_each(|limiter| limiter.check(who))
+    }
+
+    /// Drops idle identities from every bucket map; called every second by the policy watch.
+    pub fn sweep(&self) {
+        for limiter in self.policy.iter().chain(self.routes.values()) {
+            limiter.sweep();
+        }
+    }
+}
+
+/// Answers 429 when the request is over its identity's budget. Runs once the token is
+/// verified, so the identity is known; `Ok(true)`: the response is written.
+pub async fn refused(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    shared: &Shared,
+) -> pingora::Result<bool> {
+    let Some(route) = &ctx.route else {
+        return Ok(false);
+    };
+    let limits = &ctx.policy.rate_limits;
+    if limits.limits(&route.name).next().is_none() {
+        return Ok(false);
+    }
+    let Err(wait) = limits.check(&route.name, &identity(session, ctx)) else {
+        return Ok(false);
+    };
+    shared
+        .metrics
+        .rate_limited_total
+        .with_label_values(&[ctx.policy.client.as_str(), &route.name])
+        .inc();
+    let headers = [(
+        http::header::RETRY_AFTER,
+        HeaderValue::from(retry_after_seconds(wait)),
+    )];
+    respond::error(session, ctx, &ErrorCode::RateLimited.into(), &headers).await?;
+    Ok(true)
+}
+
+/// `Retry-After` counts whole seconds: rounded up, so a client that waits as told finds a
+/// request back, and at least 1, since 0 would invite an immediate retry.
+fn retry_after_seconds(wait: Duration) -> u64 {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    seconds.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use governor::clock::FakeRelativeClock;
+
+    use super::*;
+
+    fn limit(requests: u32, per: Duration, burst: u32) -> RateLimit {
+        RateLimit {
+            requests: NonZeroU32::new(requests).unwrap(),
+            per,
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    fn subject(sub: &str) -> Identity {
+        Identity::Subject(sub.to_string())
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds_and_is_never_zero() {
+        let cases = [
+            (Duration::ZERO, 1),
+            (Duration::from_nanos(1), 1),
+            (Duration::from_millis(999), 1),
+            (Duration::from_secs(1), 1),
+            (Duration::from_millis(1001), 2),
+            (Duration::from_secs(3600), 3600),
+        ];
+        for (wait, seconds) in cases {
+            assert_eq!(retry_after_seconds(wait), seconds, "{wait:?}");
+        }
+    }
+
+    #[test]
+    fn the_wait_is_until_the_next_request_comes_back() {
+        // One request every 10 s, two at once.
+        let clock = FakeRelativeClock::default();
+        let limiter = Limiter::with_clock(limit(6, Duration::from_secs(60), 2), clock.clone());
+        let ada = subject("ada");
+        assert_eq!(limiter.check(&ada), Ok(()));
+        assert_eq!(limiter.check(&ada), Ok(()));
+        let wait = limiter.check(&ada).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(10));
+        assert_eq!(retry_after_seconds(wait), 10);
+
+        clock.advance(Duration::from_millis(2500));
+        let wait = limiter.check(&ada).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(7500));
+        assert_eq!(retry_after_seconds(wait), 8);
+
+        clock.advance(Duration::from_millis(7499));
+        let wait = limiter.check(&ada).unwrap_err();
+        assert_eq!(retry_after_seconds(wait), 1, "{wait:?}");
+
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(limiter.check(&ada), Ok(()));
+        assert!(limiter.check(&ada).is_err(), "only one came back");
+    }
+
+    #[test]
+    fn identities_have_their_own_buckets_and_idle_ones_are_forgotten() {
+        let clock = FakeRelativeClock::default();
+        let limiter = Limiter::with_clock(limit(1, Duration::from_secs(60), 1), clock.clone());
+        let address = Identity::Address("192.0.2.7".parse().unwrap());
+        // A subject that spells an address or a key's name is neither.
+        let who_all = [
+            subject("ada"),
+            subject("192.0.2.7"),
+            address.clone(),
+            Identity::ApiClient("ada".into()),
+        ];
+        for who in who_all {
+            assert_eq!(limiter.check(&who), Ok(()), "{who:?}");
+            assert!(limiter.check(&who).is_err(), "{who:?}");
+        }
+        assert_eq!(limiter.buckets.len(), 4);
+
+        limiter.sweep();
+        assert_eq!(limiter.buckets.len(), 4, "buckets still refilling are kept");
+        clock.advance(Duration::from_secs(121));
+        limiter.sweep();
+        assert_eq!(limiter.buckets.len(), 0, "full buckets are forgotten");
+        assert_eq!(limiter.check(&address), Ok(()));
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let key = |text: &str| address_key(text.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2::"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+    }
+}
