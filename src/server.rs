@@ -175,6 +175,7 @@ impl BackgroundService for PolicyWatch {
                         seen = now;
                         self.reload("file changed").await;
                     }
+                    self.shared.policy.load().upstreams.refresh_files();
                 }
             }
         }

@@ -5,11 +5,13 @@
 //!
 //! ```text
 //! metrics → timeout → concurrency limit → circuit breaker → retry → headers → HTTP client
+//!   → TLS (https:// upstreams; `tls`) → TCP
 //! ```
 
 mod breaker;
 mod client;
 mod retry;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -154,6 +156,8 @@ pub struct UpstreamClient {
     client: Arc<str>,
     stack: Stack,
     metrics: Arc<Metrics>,
+    /// The TLS files of an https:// upstream, re-read by `refresh_files`.
+    tls: Option<Arc<tls::UpstreamTls>>,
 }
 
 impl UpstreamClient {
@@ -171,6 +175,10 @@ impl UpstreamClient {
             )))
         });
         let for_headers = (upstream.clone(), client.to_string());
+        let tls = upstream
+            .tls
+            .as_ref()
+            .map(|policy| Arc::new(tls::UpstreamTls::new(&upstream.name, policy)));
         // The timeout and the metrics are applied by `call`, above this stack: tower's
         // `Timeout` starts its clock in `call`, after the concurrency limit's `poll_ready` has
         // already waited, so it could not bound the time spent queueing.
@@ -183,12 +191,20 @@ impl UpstreamClient {
             .layer(BreakerLayer::new(breaker))
             .option_layer(retries.map(tower::retry::RetryLayer::new))
             .map_request(move |outbound| client::prepare(&for_headers.0, &for_headers.1, outbound))
-            .service(client::HttpClient::new(&upstream));
+            .service(client::HttpClient::new(&upstream, tls.as_deref()));
         UpstreamClient {
             upstream,
             client: Arc::from(client),
             stack: BoxCloneSyncService::new(stack),
             metrics: metrics.clone(),
+            tls,
+        }
+    }
+
+    /// Re-reads the upstream's TLS files and uses those that changed for new connections.
+    pub fn refresh_files(&self) {
+        if let Some(tls) = &self.tls {
+            tls.refresh();
         }
     }
 
@@ -276,6 +292,14 @@ impl Upstreams {
                 })
                 .collect(),
         )
+    }
+
+    /// Re-reads the files the clients use (TLS CAs, certificates and keys) and puts in use
+    /// those whose content changed, as Kubernetes rotates mounted secrets. Called every second.
+    pub fn refresh_files(&self) {
+        for client in self.0.values() {
+            client.refresh_files();
+        }
     }
 
     /// The client of an upstream of the same policy (`build` made one for each).
