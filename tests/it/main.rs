@@ -9,3 +9,4 @@ mod lifecycle;
 mod passthrough;
 mod proxy_route;
 mod support;
+mod tls;
