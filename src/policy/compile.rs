@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, Uri};
 use indexmap::IndexMap;
+use rustls::pki_types::ServerName;
 use serde_saphyr::{Location, Spanned};
 
 use super::raw::{self, RawPolicy};
@@ -18,11 +19,12 @@ use super::template::{Template, Var};
 use super::{
     Action, ApiKeyAuth, Auth, BreakerPolicy, CachePolicy, Credential, CriticalFailure, Diagnostic,
     Fetch, JwtAuth, KeySource, OAuth2Client, Policy, ProxyTarget, RateLimit, RetryPolicy, Route,
-    RouteAuth, SecretText, Upstream,
+    RouteAuth, SecretText, TlsPolicy, Upstream,
 };
 use crate::pipeline::auth::ApiKeySet;
 use crate::pipeline::route::RouteTable;
 use crate::projection::{self, FieldMask};
+use crate::upstream::tls::{CaBundle, ClientIdentity, IdentityError};
 
 /// Looks an upstream up by name, reporting an undefined one.
 type FindUpstream<'a> = &'a dyn Fn(&mut Diagnostics, &Spanned<String>) -> Option<Arc<Upstream>>;
@@ -125,10 +127,21 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
         }
     }
 
-    let fallthrough = raw
-        .fallthrough
-        .as_ref()
-        .and_then(|name| find_upstream(&mut diags, name));
+    let fallthrough = raw.fallthrough.as_ref().and_then(|name| {
+        let upstream = find_upstream(&mut diags, name)?;
+        // Pingora proxies the fallthrough itself, and it is built without TLS.
+        if upstream.tls.is_some() {
+            diags.at(
+                &name.referenced,
+                format!(
+                    "`fallthrough` upstream `{}` has an https:// url; the app beside the sidecar is reached over http://",
+                    name.value
+                ),
+            );
+            return None;
+        }
+        Some(upstream)
+    });
 
     let table = match RouteTable::build(routes.iter().map(|r| (r.method.clone(), r.path.as_str())))
     {
@@ -404,13 +417,26 @@ fn compile_upstream(
         diags,
     );
 
-    let (host, port, authority, base_path) = target?;
+    let tls = match (spec.tls, &target) {
+        (Some(tls), Some(target)) if !target.https => {
+            diags.at(
+                &tls.referenced,
+                format!("upstream `{name}`: `tls` needs an https:// url"),
+            );
+            None
+        }
+        (Some(tls), _) => Some(compile_tls(name, tls, base_dir, diags)),
+        (None, _) => None,
+    };
+
+    let target = target?;
+    let tls = target.https.then(|| tls.unwrap_or_default());
     Some(Upstream {
         name: name.to_string(),
-        host,
-        port,
-        authority,
-        base_path,
+        host: target.host,
+        port: target.port,
+        authority: target.authority,
+        base_path: target.base_path,
         timeout: spec.timeout.map(|t| t.value.0),
         concurrency: spec.concurrency.map(|c| c.value),
         retries,
@@ -418,6 +444,7 @@ fn compile_upstream(
         headers,
         credential,
         oauth2,
+        tls,
     })
 }
 
@@ -548,13 +575,21 @@ fn compile_oauth2(
     })
 }
 
-/// An upstream's `url`: `(host, port, authority, base path)`.
+/// Where an upstream's `url` points.
+struct Target {
+    host: String,
+    port: u16,
+    authority: String,
+    base_path: String,
+    https: bool,
+}
+
 fn compile_url(
     name: &str,
     url: &Spanned<String>,
     base_dir: &Path,
     diags: &mut Diagnostics,
-) -> Option<(String, u16, String, String)> {
+) -> Option<Target> {
     let url_at = url.referenced;
     let text = diags.check(&url_at, secrets::resolve(&url.value, base_dir))?;
     let uri = diags.check(
@@ -562,23 +597,17 @@ fn compile_url(
         text.parse::<Uri>()
             .map_err(|e| format!("upstream `{name}`: `{text}` is not a URL: {e}")),
     )?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            diags.at(
-                &url_at,
-                format!("upstream `{name}`: https upstreams are not supported yet; use http://"),
-            );
-            return None;
-        }
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
         _ => {
             diags.at(
                 &url_at,
-                format!("upstream `{name}`: url must start with http://"),
+                format!("upstream `{name}`: url must start with http:// or https://"),
             );
             return None;
         }
-    }
+    };
     let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
         diags.at(&url_at, format!("upstream `{name}`: url has no host"));
         return None;
@@ -589,7 +618,7 @@ fn compile_url(
             format!("upstream `{name}`: url must not have a query"),
         );
     }
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let host = host
         .trim_start_matches('[')
         .trim_end_matches(']')
@@ -598,7 +627,82 @@ fn compile_url(
         .authority()
         .map_or_else(|| host.clone(), |a| a.as_str().to_string());
     let base_path = uri.path().trim_end_matches('/').to_string();
-    Some((host, port, authority, base_path))
+    Some(Target {
+        host,
+        port,
+        authority,
+        base_path,
+        https,
+    })
+}
+
+/// An upstream's `tls`, its files read and parsed now so that `bff check` reports them.
+fn compile_tls(
+    name: &str,
+    spec: Spanned<raw::RawTls>,
+    base_dir: &Path,
+    diags: &mut Diagnostics,
+) -> TlsPolicy {
+    let at = spec.referenced;
+    let spec = spec.value;
+    let file = |path: &Spanned<String>| base_dir.join(&path.value);
+    let ca = spec.ca.as_ref().and_then(|path| {
+        let full = file(path);
+        diags.check(
+            &path.referenced,
+            CaBundle::load(&full)
+                .map_err(|e| format!("upstream `{name}`: `tls.ca` `{}`: {e}", full.display())),
+        )
+    });
+    let identity = match (&spec.cert, &spec.key) {
+        (Some(cert), Some(key)) => {
+            let (cert_file, key_file) = (file(cert), file(key));
+            match ClientIdentity::load(&cert_file, &key_file) {
+                Ok(identity) => Some(identity),
+                Err(IdentityError::Cert(e)) => {
+                    diags.at(
+                        &cert.referenced,
+                        format!(
+                            "upstream `{name}`: `tls.cert` `{}`: {e}",
+                            cert_file.display()
+                        ),
+                    );
+                    None
+                }
+                Err(IdentityError::Key(e)) => {
+                    diags.at(
+                        &key.referenced,
+                        format!("upstream `{name}`: `tls.key` `{}`: {e}", key_file.display()),
+                    );
+                    None
+                }
+            }
+        }
+        (None, None) => None,
+        _ => {
+            diags.at(
+                &at,
+                format!("upstream `{name}`: `tls.cert` and `tls.key` go together: give both (mutual TLS) or neither"),
+            );
+            None
+        }
+    };
+    let server_name = spec.server_name.as_ref().and_then(|server_name| {
+        diags.check(
+            &server_name.referenced,
+            ServerName::try_from(server_name.value.clone()).map_err(|_| {
+                format!(
+                    "upstream `{name}`: `tls.server_name` `{}` is not a DNS name or IP address",
+                    server_name.value
+                )
+            }),
+        )
+    });
+    TlsPolicy {
+        ca,
+        identity,
+        server_name,
+    }
 }
 
 fn compile_retries(

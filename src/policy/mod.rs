@@ -17,6 +17,7 @@ use indexmap::IndexMap;
 
 use crate::pipeline::route::RouteTable;
 use crate::projection::FieldMask;
+use crate::upstream::tls::{CaBundle, ClientIdentity};
 pub use raw::{Algorithm, CacheScope, RouteAuth};
 pub use template::{RenderError, Template, Var};
 
@@ -92,6 +93,8 @@ pub struct Upstream {
     /// A header with a secret value, or (never both) `oauth2` tokens.
     pub credential: Option<Credential>,
     pub oauth2: Option<OAuth2Client>,
+    /// `Some` exactly for an `https://` upstream.
+    pub tls: Option<TlsPolicy>,
 }
 
 impl Upstream {
@@ -101,6 +104,18 @@ impl Upstream {
     pub fn call_timeout(&self) -> Duration {
         self.timeout.unwrap_or(Self::DEFAULT_TIMEOUT)
     }
+}
+
+/// How the sidecar speaks TLS to an `https://` upstream. The files were read and checked when
+/// the policy was loaded; the upstream's client re-reads them when they rotate.
+#[derive(Debug, Default)]
+pub struct TlsPolicy {
+    /// CA certificates trusted for this upstream; `None`: the system's trust store.
+    pub ca: Option<CaBundle>,
+    /// The certificate and key presented to the upstream (mutual TLS).
+    pub identity: Option<ClientIdentity>,
+    /// Sent as SNI and checked against the server's certificate instead of the URL's host.
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
 }
 
 /// Retries of idempotent calls that failed to connect or got 502/503/504.

@@ -76,6 +76,17 @@ pub struct RawUpstream {
     pub headers: Named<String>,
     pub credential: Option<Spanned<RawCredential>>,
     pub oauth2: Option<Spanned<RawOAuth2>>,
+    pub tls: Option<Spanned<RawTls>>,
+}
+
+/// `tls: { ca: PATH, cert: PATH, key: PATH, server_name: NAME }`; every key is optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca: Option<Spanned<String>>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
 }
 
 /// `retries: { attempts: 2, budget: 0.2, min_per_second: 10 }`.

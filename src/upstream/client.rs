@@ -1,5 +1,6 @@
 //! The bottom of an upstream's stack: the headers every internal call carries, and a pooled
-//! keep-alive HTTP/1.1 client that reads a 2xx JSON answer whole (decompressed, bounded).
+//! keep-alive HTTP/1.1 client (over TLS for https:// upstreams, see `tls`) that reads a 2xx
+//! JSON answer whole (decompressed, bounded).
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -13,6 +14,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -20,6 +22,7 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::compression::ResponseCompressionCtx;
 use tower::Service;
 
+use super::tls::{self, UpstreamTls};
 use super::{error_chain, Answer, CallError, Failure, Outbound, IDLE_TIMEOUT, MAX_BODY};
 use crate::pipeline::edge::TRACE_HEADER;
 use crate::policy::{Upstream, Var};
@@ -37,8 +40,13 @@ pub fn prepare(upstream: &Upstream, client: &str, outbound: Outbound) -> Prepare
         upstream: upstream.name.clone(),
         failure: Failure::Request(reason),
     };
+    let scheme = if upstream.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let uri = format!(
-        "http://{}{}{}",
+        "{scheme}://{}{}{}",
         upstream.authority, upstream.base_path, outbound.path
     );
     let mut request = Request::builder()
@@ -85,15 +93,14 @@ pub fn prepare(upstream: &Upstream, client: &str, outbound: Outbound) -> Prepare
 /// The pooled HTTP/1.1 client of one upstream.
 #[derive(Clone)]
 pub struct HttpClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     upstream: Arc<str>,
 }
 
 impl HttpClient {
-    pub fn new(upstream: &Upstream) -> HttpClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(upstream.call_timeout()));
+    /// `tls`: the upstream's TLS when it is https://.
+    pub fn new(upstream: &Upstream, tls: Option<&UpstreamTls>) -> HttpClient {
+        let connector = tls::connector(tls, upstream.call_timeout());
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, Method, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -245,13 +246,11 @@ struct FailedFetch {
 
 /// The HTTP client token requests go out on. Kept to this one function so that the connector
 /// (plain HTTP here) can be swapped for one that speaks TLS in one place.
-fn token_http_client() -> Client<HttpConnector, Full<Bytes>> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
+fn token_http_client() -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
-        .build(connector)
+        .build(super::tls::system_connector())
 }
 
 /// One upstream's OAuth2 client-credentials tokens.
@@ -264,7 +263,7 @@ pub struct TokenSource {
     client_secret: Rotating<String>,
     /// `grant_type=client_credentials` and the scope, form-encoded.
     form: Bytes,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     cached: ArcSwapOption<Token>,
     /// Held by the one call fetching a token; the others wait on it, then use its result.
     fetching: tokio::sync::Mutex<Option<FailedFetch>>,

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! metrics → timeout → machine credential → concurrency limit → circuit breaker → retry
-//!         → headers → HTTP client
+//!         → headers → HTTP client → TLS (https:// upstreams; `tls`) → TCP
 //! ```
 //!
 //! The machine credential is chosen above the stack, once per call, and travels in the
@@ -19,6 +19,7 @@ mod breaker;
 mod client;
 pub mod credential;
 mod retry;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -176,6 +177,8 @@ pub struct UpstreamClient {
     credential: Option<Arc<MachineCredential>>,
     stack: Stack,
     metrics: Arc<Metrics>,
+    /// The TLS files of an https:// upstream, re-read by `refresh_files`.
+    tls: Option<Arc<tls::UpstreamTls>>,
 }
 
 impl UpstreamClient {
@@ -193,6 +196,10 @@ impl UpstreamClient {
             )))
         });
         let for_headers = (upstream.clone(), client.to_string());
+        let tls = upstream
+            .tls
+            .as_ref()
+            .map(|policy| Arc::new(tls::UpstreamTls::new(&upstream.name, policy)));
         // The timeout and the metrics are applied by `call`, above this stack: tower's
         // `Timeout` starts its clock in `call`, after the concurrency limit's `poll_ready` has
         // already waited, so it could not bound the time spent queueing.
@@ -205,13 +212,24 @@ impl UpstreamClient {
             .layer(BreakerLayer::new(breaker))
             .option_layer(retries.map(tower::retry::RetryLayer::new))
             .map_request(move |outbound| client::prepare(&for_headers.0, &for_headers.1, outbound))
-            .service(client::HttpClient::new(&upstream));
+            .service(client::HttpClient::new(&upstream, tls.as_deref()));
         UpstreamClient {
             credential: MachineCredential::for_upstream(&upstream).map(Arc::new),
             upstream,
             client: Arc::from(client),
             stack: BoxCloneSyncService::new(stack),
             metrics: metrics.clone(),
+            tls,
+        }
+    }
+
+    /// Re-reads the upstream's credential and TLS files and uses those that changed.
+    pub fn refresh_files(&self) {
+        if let Some(credential) = &self.credential {
+            credential.refresh_files();
+        }
+        if let Some(tls) = &self.tls {
+            tls.refresh();
         }
     }
 
@@ -322,13 +340,13 @@ impl Upstreams {
         )
     }
 
-    /// Reads again the files the upstreams' secrets come from (called every second): a rotated
-    /// credential or client secret is used from the next call on, with no restart.
+    /// Re-reads the files the clients use (credentials, OAuth2 client secrets, TLS CAs,
+    /// certificates and keys) and puts in use those whose content changed, as Kubernetes
+    /// rotates mounted secrets. Called every second; a rotated file is used from the next call
+    /// (TLS: the next connection) on, with no restart.
     pub fn refresh_files(&self) {
         for client in self.0.values() {
-            if let Some(credential) = &client.credential {
-                credential.refresh_files();
-            }
+            client.refresh_files();
         }
     }
 

@@ -12,3 +12,4 @@ mod passthrough;
 mod proxy_route;
 mod rate_limit;
 mod support;
+mod tls;

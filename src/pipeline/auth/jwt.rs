@@ -20,6 +20,7 @@ use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderValue};
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -65,7 +66,7 @@ enum Source {
     File(PathBuf),
     Url {
         url: String,
-        client: Client<HttpConnector, Empty<Bytes>>,
+        client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     },
 }
 
@@ -102,7 +103,7 @@ impl Verifier {
                 url: url.clone(),
                 client: Client::builder(TokioExecutor::new())
                     .pool_max_idle_per_host(1)
-                    .build_http(),
+                    .build(crate::upstream::tls::system_connector()),
             },
         };
         let hmac = matches!(source, Source::Secret(_));
@@ -472,7 +473,10 @@ async fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-async fn fetch(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> Result<Vec<u8>, String> {
+async fn fetch(
+    client: &Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    url: &str,
+) -> Result<Vec<u8>, String> {
     let request = http::Request::get(url)
         .header(ACCEPT, "application/json")
         .body(Empty::new())

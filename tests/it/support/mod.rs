@@ -12,6 +12,8 @@ pub mod mock;
 pub mod policy;
 #[allow(dead_code)]
 pub mod raw;
+#[allow(dead_code)]
+pub mod tls;
 
 #[allow(unused_imports)]
 pub use self::{
