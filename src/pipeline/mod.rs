@@ -15,8 +15,6 @@ pub mod observe;
 
 pub use inputs::claim_value;
 
-use std::sync::Arc;
-
 use http::HeaderValue;
 use pingora::proxy::Session;
 
@@ -56,7 +54,7 @@ pub async fn handle(
             ctx.route = Some(route.clone());
             if let Some(verifier) = &policy.verifier {
                 match verifier.verify(&session.req_header().headers).await {
-                    Ok(claims) => ctx.claims = claims.map(Arc::new),
+                    Ok(claims) => ctx.claims = claims,
                     Err(failure) => {
                         unauthenticated(session, ctx, shared, failure.reason()).await?;
                         return Ok(true);
