@@ -1463,14 +1463,16 @@ mod tests {
         assert_eq!(signature_checks(&verifier), 2);
 
         // The same set again, keys in another order: nothing forgotten.
-        let reordered = json!({"keys": [jwks["keys"][1], jwks["keys"][0]]});
-        std::fs::write(&path, reordered.to_string()).unwrap();
+        let mut keys = jwks["keys"].as_array().unwrap().clone();
+        keys.reverse();
+        std::fs::write(&path, json!({ "keys": keys }).to_string()).unwrap();
         verifier.load_keys().await.unwrap();
         assert!(check(&verifier, &rs).await.unwrap().is_some());
         assert_eq!(signature_checks(&verifier), 2);
 
         // The RSA key is withdrawn: its token stops working at once.
-        std::fs::write(&path, json!({"keys": [jwks["keys"][1]]}).to_string()).unwrap();
+        keys.retain(|key| key["kid"] != "rsa-1");
+        std::fs::write(&path, json!({ "keys": keys }).to_string()).unwrap();
         verifier.load_keys().await.unwrap();
         assert_eq!(check(&verifier, &rs).await, Err(AuthFailure::UnknownKey));
         assert!(check(&verifier, &es).await.unwrap().is_some());
