@@ -5,6 +5,7 @@ mod claims;
 mod fanout;
 mod harness_selftest;
 mod hostile;
+mod jwt;
 mod lifecycle;
 mod passthrough;
 mod proxy_route;
