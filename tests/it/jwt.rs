@@ -6,6 +6,7 @@
 //! none`, missing) is in `claims.rs`.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -464,6 +465,15 @@ async fn a_flood_of_random_kids_costs_one_jwks_fetch() {
     );
 }
 
+/// Polls `done` every 20 ms; panics naming `what` after 15 s.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(Instant::now() < until, "{what}: not within 15 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jwks_endpoint_down_at_start_keeps_the_sidecar_unready_until_it_is_up() {
     let port = MockServer::refused_port();
@@ -471,18 +481,11 @@ async fn a_jwks_endpoint_down_at_start_keeps_the_sidecar_unready_until_it_is_up(
     let url = format!("http://127.0.0.1:{port}/.well-known/jwks.json");
     let file = write_policy(&policy(&url, &upstream.url()));
     let mut bff = Bff::builder(file.path()).spawn();
-    // Up (the admin port answers), but not ready while nothing listens on the JWKS port.
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let status = loop {
-        match http::try_send("GET", &bff.admin_url("/readyz"), &[], "").await {
-            Ok(reply) => break reply.status,
-            Err(_) if std::time::Instant::now() < until => {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("the admin port never answered: {e}"),
-        }
-    };
-    assert_eq!(status, 503, "ready without keys");
+    // The failed fetch is logged by the job that also made the sidecar ready otherwise.
+    let failed = format!("cannot load the JWT keys from {url}");
+    wait_until("the key fetch failed", || bff.logs().contains(&failed)).await;
+    let readyz = http::get(&bff.admin_url("/readyz")).await;
+    assert_eq!(readyz.status, 503, "ready without keys");
     let jwks = Jwks::start_on(port, jwks_document(&published_keys()));
     bff.wait_ready().await;
     assert!(jwks.fetches() >= 1);
@@ -497,28 +500,19 @@ async fn a_garbage_jwks_at_start_keeps_the_sidecar_unready() {
     let upstream = user_service();
     let file = write_policy(&policy(&jwks_url(&jwks), &upstream.url()));
     let mut bff = Bff::builder(file.path()).spawn();
-    // Retried every 2 s: once it has been refused twice, readiness has had its chance.
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while jwks.fetches() < 2 {
-        assert!(
-            std::time::Instant::now() < until,
-            "the key set was not retried"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    for garbage in [
+    // Each answer is fetched (retried every 2 s) before readiness is judged on it.
+    wait_until("the key set was fetched", || jwks.fetches() >= 1).await;
+    let answers = [
         &br#"{"keys":[]}"#[..],
         br#"{"keys":[{"kty":"RSA"}]}"#,
         b"[]",
-    ] {
+    ];
+    for answer in answers {
         let readyz = http::get(&bff.admin_url("/readyz")).await;
         assert_eq!(readyz.status, 503, "ready without usable keys");
-        jwks.set(200, garbage);
+        jwks.set(200, answer);
         let seen = jwks.fetches();
-        while jwks.fetches() == seen {
-            assert!(std::time::Instant::now() < until + std::time::Duration::from_secs(15));
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        wait_until("the key set was fetched again", || jwks.fetches() > seen).await;
     }
     let readyz = http::get(&bff.admin_url("/readyz")).await;
     assert_eq!(readyz.status, 503, "ready without usable keys");
