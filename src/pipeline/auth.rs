@@ -262,19 +262,25 @@ impl Verifier {
             return Err(AuthFailure::Malformed);
         }
         let token = bearer_token(value)?;
+        self.verify_token(token).await.map(Some)
+    }
+
+    /// Verifies one token whose size and shape [`bearer_token`] checked: from the cache when
+    /// this token passed every check before, under the same key set.
+    async fn verify_token(&self, token: &str) -> Result<Arc<Claims>, AuthFailure> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Read before the keys are, so an entry is never tagged newer than the keys it used.
         let generation = self.key_generation.load(Ordering::SeqCst);
         if let Some(verified) = self.cache.get(&digest) {
             if verified.generation == generation {
-                return self.still_valid(&digest, verified).map(Some);
+                return self.still_valid(&digest, verified);
             }
         }
         let claims = Arc::new(self.decode(token).await?);
         if let Some(verified) = Verified::new(&claims, generation, token.len(), self.leeway) {
             self.cache.insert(digest, verified);
         }
-        Ok(Some(claims))
+        Ok(claims)
     }
 
     /// A remembered token is judged on `exp` and `nbf` as the full check would judge it now.
