@@ -7,6 +7,7 @@ mod credentials;
 mod fanout;
 mod harness_selftest;
 mod hostile;
+mod jwt;
 mod lifecycle;
 mod passthrough;
 mod proxy_route;

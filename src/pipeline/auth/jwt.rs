@@ -7,9 +7,14 @@
 //! ignored), so no token can pick a verification that its key was never meant for
 //! (algorithm confusion). Keys sit behind an [`ArcSwap`]: a failed reload keeps the last good
 //! set, and an unknown `kid` triggers at most one JWKS refetch per 30 s.
+//!
+//! A verified token is remembered (by its SHA-256, bounded in memory) until its `exp`, so the
+//! signature check is paid once per token rather than once per request; a change of the key
+//! set forgets every remembered token.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +32,9 @@ use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use moka::sync::Cache;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use super::AuthFailure;
@@ -47,6 +54,12 @@ const REFETCH_FLOOR: Duration = Duration::from_secs(30);
 /// The policy's leeway is capped here, which also keeps the library's time arithmetic from
 /// overflowing.
 const MAX_LEEWAY: Duration = Duration::from_secs(24 * 3600);
+/// A verified token is remembered until its `exp` (plus leeway), but never longer than this, so
+/// a long-lived token is verified again now and then.
+const CACHE_TTL_CAP: Duration = Duration::from_secs(300);
+/// The memory the verified-token cache may use, as estimated by [`Verified::weight`]: about
+/// 14 000 typical (1 KiB) tokens.
+const CACHE_BUDGET_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Verifies the client's bearer tokens against one policy's `auth.jwt` settings.
 pub struct Verifier {
@@ -59,6 +72,46 @@ pub struct Verifier {
     refetch: tokio::sync::Mutex<Option<Instant>>,
     /// The cookie that may carry the token when there is no `Authorization` header.
     cookie: Option<String>,
+    /// The policy's leeway in seconds (capped at [`MAX_LEEWAY`]).
+    leeway: u64,
+    /// Tokens that passed every check, by the SHA-256 of the token. Only successes go in, so a
+    /// client cannot fill it with tokens of its own making.
+    cache: Cache<[u8; 32], Verified>,
+    /// Bumped whenever the key set changes: an entry verified under an older key set is never
+    /// used, even one inserted by a verification that raced the change.
+    key_generation: AtomicU64,
+    /// How many tokens went through the full (signature) check.
+    #[cfg(test)]
+    signature_checks: std::sync::atomic::AtomicUsize,
+}
+
+/// A cache entry: the claims of a token that passed every check, and what must be re-checked
+/// on each use because it depends on the time.
+#[derive(Clone)]
+struct Verified {
+    claims: Arc<Claims>,
+    exp: u64,
+    nbf: Option<u64>,
+    /// The key generation the token was verified under.
+    generation: u64,
+    /// How long the entry may live: until `exp` + leeway, at most [`CACHE_TTL_CAP`].
+    ttl: Duration,
+    /// Estimated memory, in bytes.
+    weight: u32,
+}
+
+/// Gives each cache entry its own lifetime.
+struct VerifiedExpiry;
+
+impl moka::Expiry<[u8; 32], Verified> for VerifiedExpiry {
+    fn expire_after_create(
+        &self,
+        _digest: &[u8; 32],
+        verified: &Verified,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(verified.ttl)
+    }
 }
 
 enum Source {
@@ -77,6 +130,8 @@ struct Key {
     alg: Option<Algorithm>,
     curve: Option<EllipticCurve>,
     key: DecodingKey,
+    /// The SHA-256 of the JWK as parsed, to tell whether a reload changed the set.
+    fingerprint: [u8; 32],
 }
 
 /// Why the key set could not be loaded; the previous keys stay in use.
@@ -130,6 +185,11 @@ impl Verifier {
             keys: ArcSwap::from_pointee(Vec::new()),
             refetch: tokio::sync::Mutex::new(None),
             cookie: auth.cookie.clone(),
+            leeway,
+            cache: verified_cache(CACHE_BUDGET_BYTES),
+            key_generation: AtomicU64::new(0),
+            #[cfg(test)]
+            signature_checks: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -145,7 +205,14 @@ impl Verifier {
             .and_then(|bytes| parse_jwks(&bytes))
             .map_err(|reason| KeyLoadError { location, reason })?;
         tracing::debug!(keys = keys.len(), "JWT keys loaded");
-        self.keys.store(Arc::new(keys));
+        let previous = self.keys.swap(Arc::new(keys));
+        if fingerprints(&previous) != fingerprints(&self.keys.load()) {
+            // A removed key must stop validating its tokens at once: bumped after the swap, so
+            // a verification that read the old generation may have used the old keys, and one
+            // that reads the new generation uses the new keys.
+            self.key_generation.fetch_add(1, Ordering::SeqCst);
+            self.cache.invalidate_all();
+        }
         Ok(())
     }
 
@@ -176,8 +243,48 @@ impl Verifier {
         }
     }
 
-    /// Checks a token's signature, algorithm and claims.
-    pub async fn verify_token(&self, token: &str) -> Result<Arc<Claims>, AuthFailure> {
+    /// Verifies one token whose size and shape [`token_shape`] checked: from the cache when
+    /// this token passed every check before, under the same key set.
+    async fn verify_token(&self, token: &str) -> Result<Arc<Claims>, AuthFailure> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Read before the keys are, so an entry is never tagged newer than the keys it used.
+        let generation = self.key_generation.load(Ordering::SeqCst);
+        if let Some(verified) = self.cache.get(&digest) {
+            if verified.generation == generation {
+                return self.still_valid(&digest, verified);
+            }
+        }
+        let claims = Arc::new(self.decode(token).await?);
+        if let Some(verified) = Verified::new(&claims, generation, token.len(), self.leeway) {
+            self.cache.insert(digest, verified);
+        }
+        Ok(claims)
+    }
+
+    /// A remembered token is judged on `exp` and `nbf` as the full check would judge it now.
+    fn still_valid(
+        &self,
+        digest: &[u8; 32],
+        verified: Verified,
+    ) -> Result<Arc<Claims>, AuthFailure> {
+        let now = jsonwebtoken::get_current_timestamp();
+        if verified.exp.saturating_add(self.leeway) < now {
+            self.cache.invalidate(digest);
+            return Err(AuthFailure::Expired);
+        }
+        if verified
+            .nbf
+            .is_some_and(|nbf| nbf > now.saturating_add(self.leeway))
+        {
+            return Err(AuthFailure::NotYetValid);
+        }
+        Ok(verified.claims)
+    }
+
+    /// The full check: header, algorithm, key, signature and claims.
+    async fn decode(&self, token: &str) -> Result<Claims, AuthFailure> {
+        #[cfg(test)]
+        self.signature_checks.fetch_add(1, Ordering::SeqCst);
         let header = jose_header(token)?;
         let alg: Algorithm = header.alg.parse().map_err(|_| AuthFailure::DisallowedAlg)?;
         let (alg, validation) = self
@@ -192,8 +299,7 @@ impl Verifier {
                 jsonwebtoken::decode::<Claims>(token, &keys[at].key, validation)
             }
         };
-        data.map(|data| Arc::new(data.claims))
-            .map_err(|e| failure(e.kind()))
+        data.map(|data| data.claims).map_err(|e| failure(e.kind()))
     }
 
     /// The key for `kid` that fits `alg`, refetching the JWKS (URL only) once for an unknown
@@ -247,8 +353,68 @@ impl fmt::Debug for Verifier {
                 &self.validations.iter().map(|(a, _)| a).collect::<Vec<_>>(),
             )
             .field("keys", &self.keys.load().len())
+            .field("cached_tokens", &self.cache.entry_count())
             .finish()
     }
+}
+
+fn verified_cache(budget_bytes: u64) -> Cache<[u8; 32], Verified> {
+    Cache::builder()
+        .max_capacity(budget_bytes)
+        .weigher(|_digest, verified: &Verified| verified.weight)
+        .expire_after(VerifiedExpiry)
+        .build()
+}
+
+impl Verified {
+    /// What to remember of a verified token; `None` when it is due to expire now anyway.
+    fn new(
+        claims: &Arc<Claims>,
+        generation: u64,
+        token_len: usize,
+        leeway: u64,
+    ) -> Option<Verified> {
+        // Verification required `exp`; both are read as the library reads them.
+        let exp = numeric_date(claims.get("exp")?)?;
+        let nbf = match claims.get("nbf") {
+            None => None,
+            Some(nbf) => Some(numeric_date(nbf)?),
+        };
+        let now = jsonwebtoken::get_current_timestamp();
+        let left = exp.saturating_add(leeway).checked_sub(now)?;
+        let ttl = Duration::from_secs(left).min(CACHE_TTL_CAP);
+        if ttl.is_zero() {
+            return None;
+        }
+        // The parsed claims take about twice the token's size, plus the entry itself.
+        let weight = u32::try_from(token_len.saturating_mul(2) + 256).unwrap_or(u32::MAX);
+        Some(Verified {
+            claims: claims.clone(),
+            exp,
+            nbf,
+            generation,
+            ttl,
+            weight,
+        })
+    }
+}
+
+/// A NumericDate claim as `jsonwebtoken` reads it: a non-negative integer, or a float rounded.
+fn numeric_date(value: &serde_json::Value) -> Option<u64> {
+    match value.as_u64() {
+        Some(seconds) => Some(seconds),
+        None => value
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f.round() as u64),
+    }
+}
+
+/// The keys' fingerprints in a stable order, so two loads of the same set compare equal.
+fn fingerprints(keys: &[Key]) -> Vec<[u8; 32]> {
+    let mut fingerprints: Vec<[u8; 32]> = keys.iter().map(|key| key.fingerprint).collect();
+    fingerprints.sort_unstable();
+    fingerprints
 }
 
 fn jwt_alg(alg: policy::Algorithm) -> Algorithm {
@@ -429,11 +595,13 @@ impl Key {
         // verifies; only an error means the key itself is bad).
         jsonwebtoken::crypto::verify("", b"", &key, probe).ok()?;
         let kid = jwk.common.key_id.clone();
+        let fingerprint = Sha256::digest(serde_json::to_vec(jwk).ok()?).into();
         Some(Key {
             kid,
             alg,
             curve,
             key,
+            fingerprint,
         })
     }
 }
@@ -1149,6 +1317,221 @@ mod tests {
             &claims(json!({"exp": 1, "nbf": i64::MAX})),
         );
         assert!(check(&verifier, &token).await.is_err());
+    }
+
+    fn signature_checks(verifier: &Verifier) -> usize {
+        verifier.signature_checks.load(Ordering::SeqCst)
+    }
+
+    fn digest(token: &str) -> [u8; 32] {
+        Sha256::digest(token.as_bytes()).into()
+    }
+
+    #[tokio::test]
+    async fn a_verified_token_is_not_checked_again() {
+        let verifier = file_verifier(&[P::RS256, P::ES256]).await;
+        let token = sign(Algorithm::RS256, Some("rsa-1"), &claims(json!({})));
+        let first = check(&verifier, &token).await.unwrap().unwrap();
+        assert_eq!(signature_checks(&verifier), 1);
+        for _ in 0..5 {
+            let again = check(&verifier, &token).await.unwrap().unwrap();
+            assert!(Arc::ptr_eq(&first, &again), "the remembered claims");
+        }
+        assert_eq!(signature_checks(&verifier), 1, "served from the cache");
+        // Another token is checked on its own; the first stays remembered.
+        let other = sign(
+            Algorithm::ES256,
+            Some("ec-1"),
+            &claims(json!({"sub": "u2"})),
+        );
+        assert_eq!(
+            check(&verifier, &other).await.unwrap().unwrap()["sub"],
+            "u2"
+        );
+        assert_eq!(
+            check(&verifier, &token).await.unwrap().unwrap()["sub"],
+            "usr_9821"
+        );
+        assert_eq!(signature_checks(&verifier), 2);
+        // So is the HS256 secret's.
+        let secret = secret_verifier();
+        let hs = sign(Algorithm::HS256, None, &claims(json!({})));
+        for _ in 0..3 {
+            assert!(check(&secret, &hs).await.unwrap().is_some());
+        }
+        assert_eq!(signature_checks(&secret), 1);
+    }
+
+    #[tokio::test]
+    async fn refused_tokens_are_never_remembered() {
+        let verifier = file_verifier(&[P::RS256]).await;
+        let good = sign(Algorithm::RS256, Some("rsa-1"), &claims(json!({})));
+        let (rest, _) = good.rsplit_once('.').unwrap();
+        let forged = format!("{rest}.{}", b64url(&[7; 256]));
+        let expired = sign(
+            Algorithm::RS256,
+            Some("rsa-1"),
+            &claims(json!({"exp": now() - 3600})),
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                check(&verifier, &forged).await,
+                Err(AuthFailure::BadSignature)
+            );
+            assert_eq!(check(&verifier, &expired).await, Err(AuthFailure::Expired));
+        }
+        assert_eq!(signature_checks(&verifier), 6);
+        verifier.cache.run_pending_tasks();
+        assert_eq!(verifier.cache.entry_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_is_still_judged_on_exp_and_nbf() {
+        let verifier = file_verifier(&[P::RS256]).await;
+        let token = sign(Algorithm::RS256, Some("rsa-1"), &claims(json!({})));
+        check(&verifier, &token).await.unwrap();
+        let at = digest(&token);
+        let remembered = verifier.cache.get(&at).unwrap();
+        let with = |exp: i64, nbf: Option<i64>| Verified {
+            exp: exp as u64,
+            nbf: nbf.map(|n| n as u64),
+            ..remembered.clone()
+        };
+        // As the full check would: past `exp` only beyond the leeway (30 s).
+        verifier.cache.insert(at, with(now() - 5, None));
+        assert!(check(&verifier, &token).await.unwrap().is_some());
+        verifier.cache.insert(at, with(now() - 120, None));
+        assert_eq!(check(&verifier, &token).await, Err(AuthFailure::Expired));
+        verifier
+            .cache
+            .insert(at, with(now() + 600, Some(now() + 3600)));
+        assert_eq!(
+            check(&verifier, &token).await,
+            Err(AuthFailure::NotYetValid)
+        );
+        assert_eq!(signature_checks(&verifier), 1, "all judged from the cache");
+        // The expired entry was dropped at once; the real token is checked again and cached.
+        verifier.cache.insert(at, with(now() - 120, None));
+        assert_eq!(check(&verifier, &token).await, Err(AuthFailure::Expired));
+        assert!(verifier.cache.get(&at).is_none());
+        assert!(check(&verifier, &token).await.unwrap().is_some());
+        assert_eq!(signature_checks(&verifier), 2);
+    }
+
+    #[test]
+    fn an_entry_lives_until_exp_plus_leeway_at_most_the_cap() {
+        let ttl = |exp: i64, leeway: u64| {
+            let claims = Arc::new(claims(json!({"exp": exp})).as_object().unwrap().clone());
+            Verified::new(&claims, 0, 1000, leeway).map(|v| v.ttl)
+        };
+        let near = ttl(now() + 60, 30).unwrap();
+        assert!(
+            near <= Duration::from_secs(90) && near >= Duration::from_secs(88),
+            "{near:?}"
+        );
+        assert_eq!(ttl(now() + 86_400, 30), Some(CACHE_TTL_CAP));
+        assert_eq!(ttl(i64::MAX, 30), Some(CACHE_TTL_CAP));
+        assert_eq!(ttl(now() - 60, 30), None, "beyond the leeway already");
+        // A float `exp` is read as the library reads it.
+        let claims = Arc::new(
+            claims(json!({"exp": (now() + 100) as f64 + 0.4}))
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        assert!(Verified::new(&claims, 0, 10, 0).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_key_set_change_forgets_every_remembered_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let jwks: Value = serde_json::from_slice(&read("jwks.json")).unwrap();
+        std::fs::write(&path, jwks.to_string()).unwrap();
+        let verifier = Verifier::new(&jwt_auth(
+            &[P::RS256, P::ES256],
+            KeySource::JwksFile(path.clone()),
+        ));
+        verifier.load_keys().await.unwrap();
+        let rs = sign(Algorithm::RS256, Some("rsa-1"), &claims(json!({})));
+        let es = sign(Algorithm::ES256, Some("ec-1"), &claims(json!({})));
+        assert!(check(&verifier, &rs).await.unwrap().is_some());
+        assert!(check(&verifier, &es).await.unwrap().is_some());
+        assert_eq!(signature_checks(&verifier), 2);
+
+        // The same set again, keys in another order: nothing forgotten.
+        let mut keys = jwks["keys"].as_array().unwrap().clone();
+        keys.reverse();
+        std::fs::write(&path, json!({ "keys": keys }).to_string()).unwrap();
+        verifier.load_keys().await.unwrap();
+        assert!(check(&verifier, &rs).await.unwrap().is_some());
+        assert_eq!(signature_checks(&verifier), 2);
+
+        // The RSA key is withdrawn: its token stops working at once.
+        keys.retain(|key| key["kid"] != "rsa-1");
+        std::fs::write(&path, json!({ "keys": keys }).to_string()).unwrap();
+        verifier.load_keys().await.unwrap();
+        assert_eq!(check(&verifier, &rs).await, Err(AuthFailure::UnknownKey));
+        assert!(check(&verifier, &es).await.unwrap().is_some());
+        assert_eq!(signature_checks(&verifier), 4, "both checked again");
+
+        // A failed reload changes nothing, so forgets nothing.
+        std::fs::write(&path, "{not json").unwrap();
+        verifier.load_keys().await.unwrap_err();
+        assert!(check(&verifier, &es).await.unwrap().is_some());
+        assert_eq!(signature_checks(&verifier), 4);
+    }
+
+    #[tokio::test]
+    async fn an_entry_from_an_older_key_set_is_never_used() {
+        // A verification that raced a key change may insert after the cache was cleared; its
+        // generation gives it away.
+        let verifier = file_verifier(&[P::RS256]).await;
+        let token = sign(Algorithm::RS256, Some("rsa-1"), &claims(json!({})));
+        check(&verifier, &token).await.unwrap();
+        let at = digest(&token);
+        let stale = Verified {
+            claims: Arc::new(claims(json!({"sub": "stale"})).as_object().unwrap().clone()),
+            ..verifier.cache.get(&at).unwrap()
+        };
+        verifier.key_generation.fetch_add(1, Ordering::SeqCst);
+        verifier.cache.insert(at, stale);
+        let claims = check(&verifier, &token).await.unwrap().unwrap();
+        assert_eq!(claims["sub"], "usr_9821");
+        assert_eq!(signature_checks(&verifier), 2);
+    }
+
+    #[tokio::test]
+    async fn the_cache_is_bounded() {
+        let mut verifier = secret_verifier();
+        let budget = 20 * 1024;
+        verifier.cache = verified_cache(budget);
+        let tokens: Vec<String> = (0..200)
+            .map(|i| sign(Algorithm::HS256, None, &claims(json!({"jti": i}))))
+            .collect();
+        let weight = Verified::new(
+            &Arc::new(claims(json!({})).as_object().unwrap().clone()),
+            0,
+            tokens[0].len(),
+            30,
+        )
+        .unwrap()
+        .weight as u64;
+        for token in &tokens {
+            assert!(check(&verifier, token).await.unwrap().is_some());
+        }
+        verifier.cache.run_pending_tasks();
+        assert!(
+            verifier.cache.weighted_size() <= budget,
+            "{} > {budget}",
+            verifier.cache.weighted_size()
+        );
+        assert!(verifier.cache.entry_count() <= budget / weight);
+        assert!(verifier.cache.entry_count() > 0);
+        // Every token still verifies, evicted or not.
+        for token in &tokens {
+            assert!(check(&verifier, token).await.unwrap().is_some());
+        }
     }
 
     /// A JWKS endpoint on loopback that counts its requests; the reply can be changed.

@@ -221,7 +221,17 @@ pub struct MockServer {
 impl MockServer {
     /// Must be called inside a tokio runtime.
     pub fn start(handler: impl Fn(RecordedRequest) -> MockReply + Send + Sync + 'static) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind mock upstream");
+        Self::start_on(0, handler)
+    }
+
+    /// Like [`MockServer::start`], on `127.0.0.1:port` (e.g. one from [`MockServer::refused_port`],
+    /// for a service that comes up after its clients).
+    pub fn start_on(
+        port: u16,
+        handler: impl Fn(RecordedRequest) -> MockReply + Send + Sync + 'static,
+    ) -> Self {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("bind mock upstream on 127.0.0.1:{port}: {e}"));
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let listener =
