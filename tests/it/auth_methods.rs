@@ -7,35 +7,17 @@ use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::support::metrics::metric_eventually;
-use crate::support::{http, write_policy, Bff, MockReply, MockServer, TempPolicy};
+use crate::support::{http, tokens, write_policy, Bff, MockReply, MockServer, TempPolicy};
 
 const SECRET: &str = "auth-methods-secret-of-at-least-32-bytes";
 
 fn token(sub: &str, extra: Value) -> String {
-    let now = jsonwebtoken::get_current_timestamp() as i64;
-    let mut claims =
-        json!({"iss": "https://id.example.com/", "aud": "web-app", "sub": sub, "exp": now + 300});
-    for (k, v) in extra.as_object().expect("an object") {
-        claims[k] = v.clone();
-    }
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("sign a test token")
-}
-
-fn sha256_hex(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut claims = tokens::claims("web-app", 300, extra);
+    claims["sub"] = sub.into();
+    tokens::hs256(&claims, SECRET)
 }
 
 async fn get(bff: &Bff, path: &str, headers: &[(&str, &str)]) -> http::Reply {
@@ -98,12 +80,10 @@ async fn required_optional_and_none_routes() {
     let valid = format!("Bearer {}", token("u1", json!({})));
     let forged = format!(
         "Bearer {}",
-        encode(
-            &Header::default(),
-            &json!({"sub": "u1", "exp": 4_000_000_000u64}),
-            &EncodingKey::from_secret(b"not-the-secret-not-the-secret-not-it"),
+        tokens::hs256(
+            &tokens::claims("web-app", 300, json!({"sub": "u1"})),
+            "not-the-secret-not-the-secret-not-it"
         )
-        .expect("sign")
     );
 
     // Required is the default: no token, no call.
@@ -252,8 +232,8 @@ async fn start_partner() -> Partner {
         0,
         &format!(
             "# partner keys: sha256 name\n{}  acme\n{}  globex\n",
-            sha256_hex("acme-key-1"),
-            sha256_hex("globex-key-1")
+            tokens::api_key_hash("acme-key-1"),
+            tokens::api_key_hash("globex-key-1")
         ),
     );
     let bff = Bff::start(policy.path()).await;
@@ -293,7 +273,7 @@ async fn an_api_key_names_the_partner_and_never_reaches_the_upstream() {
 
     // An unknown key, or the hash itself, is refused even with a valid token beside it.
     let valid = format!("Bearer {}", token("u1", json!({})));
-    let hash = sha256_hex("acme-key-1");
+    let hash = tokens::api_key_hash("acme-key-1");
     for key in ["acme-key-2", hash.as_str()] {
         let reply = get(
             &p.bff,
@@ -387,7 +367,7 @@ async fn a_rotated_keys_file_takes_effect_without_a_restart() {
     write_keys(
         &p.secrets,
         1,
-        &format!("{}  acme\n", sha256_hex("acme-key-2")),
+        &format!("{}  acme\n", tokens::api_key_hash("acme-key-2")),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while with_key("acme-key-2").await != 200 {

@@ -6,11 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
 
 use crate::support::metrics::metric_eventually;
-use crate::support::{http, write_policy, Bff, MockReply, MockServer, TempPolicy};
+use crate::support::{http, tokens, write_policy, Bff, MockReply, MockServer, TempPolicy};
 
 const SECRET: &str = "claims-test-secret-of-at-least-32-bytes";
 
@@ -50,17 +49,11 @@ routes:
 }
 
 fn token(claims: Value, secret: &str) -> String {
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("sign a test token")
+    tokens::hs256(&claims, secret)
 }
 
 fn claims(sub: &str, exp_offset: i64) -> Value {
-    let now = jsonwebtoken::get_current_timestamp() as i64;
-    json!({"iss": "https://id.example.com/", "aud": "mobile-app", "sub": sub, "exp": now + exp_offset})
+    tokens::claims("mobile-app", exp_offset, json!({ "sub": sub }))
 }
 
 async fn start() -> (MockServer, Bff, TempPolicy) {

@@ -14,24 +14,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::json;
 
 use crate::support::metrics::{metric, metric_eventually};
-use crate::support::{http, write_policy, Bff, MockReply, MockServer, RecordedRequest, TempPolicy};
+use crate::support::{
+    http, tokens, write_policy, Bff, MockReply, MockServer, RecordedRequest, TempPolicy,
+};
 
 const JWT_SECRET: &str = "credentials-test-secret-of-32-bytes!";
 /// Bounds every wait for something the sidecar does on its own (a file re-read each second).
 const WAIT: Duration = Duration::from_secs(15);
 
 fn client_token() -> String {
-    let now = jsonwebtoken::get_current_timestamp();
-    encode(
-        &Header::default(),
-        &json!({"iss": "https://id.example.com/", "aud": "web-app", "sub": "u1", "exp": now + 600}),
-        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    tokens::hs256(
+        &tokens::claims("web-app", 600, json!({"sub": "u1"})),
+        JWT_SECRET,
     )
-    .expect("sign a test token")
 }
 
 const AUTH: &str = r#"auth:

@@ -6,15 +6,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use jsonwebtoken::{encode, EncodingKey, Header};
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
+use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpSocket;
 
 use crate::check::{assert_rejected, assert_valid, insert, BASE};
 use crate::support::metrics::{metric, metric_eventually};
-use crate::support::{http, raw, write_policy, Bff, MockReply, MockServer, TempPolicy};
+use crate::support::{http, raw, tokens, write_policy, Bff, MockReply, MockServer, TempPolicy};
 
 const SECRET: &str = "rate-limit-test-secret-of-32-bytes-or-more";
 
@@ -74,18 +72,10 @@ async fn start(policy_limit: &str, route_limit: &str) -> Setup {
 
 /// A valid token for `sub` (`None`: a token without a `sub` claim).
 fn token(sub: Option<&str>) -> String {
-    let now = jsonwebtoken::get_current_timestamp();
-    let mut claims =
-        json!({"iss": "https://id.example.com/", "aud": "mobile-app", "exp": now + 600});
-    if let Some(sub) = sub {
-        claims["sub"] = Value::from(sub);
-    }
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
+    tokens::hs256(
+        &tokens::claims("mobile-app", 600, json!({ "sub": sub })),
+        SECRET,
     )
-    .expect("sign a test token")
 }
 
 async fn get(bff: &Bff, path: &str, token: Option<&str>) -> http::Reply {
@@ -320,7 +310,7 @@ routes:
 "#,
         svc = svc.url()
     ));
-    let sha256 = |key: &str| format!("{:x}", Sha256::digest(key.as_bytes()));
+    let sha256 = tokens::api_key_hash;
     std::fs::write(
         file.dir().join("keys.txt"),
         format!(

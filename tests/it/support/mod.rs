@@ -14,6 +14,8 @@ pub mod policy;
 pub mod raw;
 #[allow(dead_code)]
 pub mod tls;
+#[allow(dead_code)]
+pub mod tokens;
 
 #[allow(unused_imports)]
 pub use self::{
