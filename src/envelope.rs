@@ -90,7 +90,9 @@ impl ErrorCode {
     /// The envelope for an error status an upstream answered a `proxy` route with.
     pub fn for_upstream_status(status: u16) -> ErrorCode {
         match status {
-            401 => ErrorCode::Unauthenticated,
+            // An upstream never sees the client's credential, only the sidecar's: its 401 is
+            // about the sidecar, and passing it on would make a client drop a valid session.
+            401 => ErrorCode::BadUpstreamResponse,
             403 => ErrorCode::Forbidden,
             404 | 410 => ErrorCode::NotFound,
             405 => ErrorCode::MethodNotAllowed,
@@ -177,6 +179,10 @@ mod tests {
     #[test]
     fn upstream_statuses_map_to_codes() {
         assert_eq!(ErrorCode::for_upstream_status(404), ErrorCode::NotFound);
+        assert_eq!(
+            ErrorCode::for_upstream_status(401),
+            ErrorCode::BadUpstreamResponse
+        );
         assert_eq!(ErrorCode::for_upstream_status(409), ErrorCode::BadRequest);
         assert_eq!(
             ErrorCode::for_upstream_status(500),
