@@ -6,7 +6,7 @@
 //! ```text
 //! client ─▶ edge         trace id, loop refusal (508)   pipeline::edge
 //!        ─▶ route        method + path → Route          pipeline::route (404/405, or fall through)
-//!        ─▶ auth         bearer JWT → claims (401)      pipeline::auth
+//!        ─▶ auth         JWT or API key; scopes (403)   pipeline::auth (401)
 //!        ─▶ rate limit   sub, API key or address (429)  pipeline::rate_limit
 //!        ─▶ inputs       path, query, claims checked    pipeline::inputs
 //!        ─▶ fan-out      every fetch at once, projected pipeline::fanout, upstream, projection
