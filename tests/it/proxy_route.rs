@@ -17,7 +17,7 @@ fn policy(orders: &str, app: Option<&str>) -> String {
 upstreams:
   orders:
     url: "{orders}/api"
-    timeout: 500ms
+    timeout: 2s
     credential: {{ header: Authorization, value: "Bearer machine-token" }}
 {app}routes:
   - name: order-detail
@@ -239,7 +239,9 @@ async fn upstream_failures_become_envelopes_without_leaking() {
                 .chain(std::iter::once(r#"{"orderId":"end"}]"#.to_string())),
             Duration::ZERO,
         ),
-        "/api/orders/slow" => order(&req).delay(Duration::from_secs(3)),
+        // Far beyond the 2 s timeout; the timeout itself leaves room for the 4 MiB reads above
+        // on a loaded machine, which must fail as too large, not as too slow.
+        "/api/orders/slow" => order(&req).delay(Duration::from_secs(6)),
         "/api/orders/redirect" => MockReply::empty(302).header("location", "http://db-7.internal/"),
         _ => order(&req),
     });
