@@ -9,7 +9,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
-use crate::policy::{Action, Policy};
+use crate::policy::{Action, Policy, RouteAuth};
 use crate::proxy::Shared;
 
 pub struct Admin {
@@ -70,6 +70,12 @@ fn describe(policy: &Policy) -> serde_json::Value {
                 "method": r.method.as_str(),
                 "path": r.path,
                 "kind": kind,
+                "auth": match r.auth {
+                    RouteAuth::Required => "required",
+                    RouteAuth::Optional => "optional",
+                    RouteAuth::None => "none",
+                },
+                "scopes": r.scopes,
                 "upstreams": upstreams,
                 "version": r.version,
                 "shape": r.shape,

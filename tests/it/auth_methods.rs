@@ -115,6 +115,31 @@ async fn required_optional_and_none_routes() {
     assert_eq!(open.status, 200, "{}", open.text());
     assert_eq!(info.requests().len(), 3);
     assert_eq!(failures(&bff, "bad_signature", 1.0).await, 1.0);
+
+    // The admin port tells an operator what each route asks for.
+    let described = http::get(&bff.admin_url("/policy")).await.json();
+    let modes: Vec<(String, String, Value)> = described["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .map(|r| {
+            let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (text(&r["name"]), text(&r["auth"]), r["scopes"].clone())
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            ("required".into(), "required".into(), json!([])),
+            ("optional".into(), "optional".into(), json!([])),
+            ("open".into(), "none".into(), json!([])),
+            (
+                "admin".into(),
+                "required".into(),
+                json!(["orders.read", "orders.write"])
+            ),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
