@@ -25,6 +25,7 @@ pub mod policy;
 pub mod proxy;
 pub mod pipeline;
 pub mod upstream;
+pub mod cache;
 pub mod projection;
 pub mod envelope;
 pub mod metrics;

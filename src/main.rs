@@ -49,7 +49,8 @@ struct RunArgs {
     /// Admin listener: /metrics, /healthz, /readyz, /policy.
     #[arg(long, env = "BFF_ADMIN", default_value = "127.0.0.1:9901")]
     admin: String,
-    /// Redis URL of the shared L2 cache (without it the cache is in-process only).
+    /// Redis of the shared L2 cache: redis://host:port, or redis+cluster://host:port,host:port
+    /// for a Redis Cluster (without it the cache is in-process only).
     #[arg(long, env = "BFF_REDIS_URL")]
     redis: Option<String>,
     /// Worker threads of the data plane.
@@ -72,11 +73,14 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            if args.redis.is_some() {
-                tracing::warn!(
-                    "--redis is accepted but the L2 cache is not built yet; ignoring it"
-                );
-            }
+            let redis = match args.redis.as_deref().map(bff::cache::Target::parse) {
+                None => None,
+                Some(Ok(target)) => Some(target),
+                Some(Err(e)) => {
+                    eprintln!("bff: --redis: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             server::run(
                 RunOptions {
                     policy: args.policy,
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
                     admin: args.admin,
                     threads: args.threads,
                     grace_period: args.grace_period,
+                    redis,
                 },
                 policy,
             )

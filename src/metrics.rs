@@ -32,6 +32,15 @@ pub struct Metrics {
     pub auth_failures_total: IntCounterVec,
     /// `{client,route}`: requests refused by a rate limit (see `pipeline::rate_limit`).
     pub rate_limited_total: IntCounterVec,
+    /// `{client,route,layer,result}`: cache lookups; `result` is hit, miss, stale or early.
+    pub cache_lookups_total: IntCounterVec,
+    /// `{client,route,trigger}`: recomputes of a cached route (miss, early, stale).
+    pub cache_recomputes_total: IntCounterVec,
+    /// `{client,route}`: requests that waited for a recompute another request started.
+    pub cache_coalesced_total: IntCounterVec,
+    /// `{client,op}`: Redis calls that failed or timed out (the cache went on without them).
+    pub cache_l2_errors_total: IntCounterVec,
+    pub cache_l2_duration_seconds: HistogramVec,
     pub policy_reloads_total: IntCounterVec,
     pub in_flight_requests: IntGauge,
 }
@@ -164,6 +173,31 @@ impl Metrics {
                 "bff_rate_limited_total",
                 "Requests refused with 429 because their client identity was over a rate limit.",
                 &route,
+            ),
+            cache_lookups_total: counter(
+                "bff_cache_lookups_total",
+                "Cache lookups by layer (l1, l2) and result (hit, miss, stale, early).",
+                &["client", "route", "layer", "result"],
+            ),
+            cache_recomputes_total: counter(
+                "bff_cache_recomputes_total",
+                "Recomputes of cached routes, by trigger (miss, early, stale).",
+                &["client", "route", "trigger"],
+            ),
+            cache_coalesced_total: counter(
+                "bff_cache_coalesced_total",
+                "Requests that shared a recompute another request had started.",
+                &route,
+            ),
+            cache_l2_errors_total: counter(
+                "bff_cache_l2_errors_total",
+                "Redis calls that failed or timed out, by operation; the cache went on without them.",
+                &["client", "op"],
+            ),
+            cache_l2_duration_seconds: histogram(
+                "bff_cache_l2_duration_seconds",
+                "Time one Redis call took, by operation.",
+                &["client", "op"],
             ),
             policy_reloads_total: counter(
                 "bff_policy_reloads_total",

@@ -15,6 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
 use crate::admin::Admin;
+use crate::cache::{Target, L2};
 use crate::metrics::ReloadResult;
 use crate::pipeline::auth::Verifier;
 use crate::policy::Policy;
@@ -35,6 +36,8 @@ pub struct RunOptions {
     pub threads: usize,
     /// Longest time SIGTERM waits for in-flight requests before the process exits.
     pub grace_period: Duration,
+    /// The cache's L2, when there is one.
+    pub redis: Option<Target>,
 }
 
 /// Runs the sidecar until SIGTERM (drain, then exit) or SIGINT (exit at once).
@@ -84,6 +87,7 @@ pub fn run(options: RunOptions, policy: Policy) -> ! {
             shared: shared.clone(),
             path: options.policy.clone(),
             listen: options.listen.clone(),
+            redis: options.redis.clone(),
         },
     );
 
@@ -107,6 +111,7 @@ struct PolicyWatch {
     path: PathBuf,
     /// The data-plane address: the sidecar is not ready before it accepts connections there.
     listen: String,
+    redis: Option<Target>,
 }
 
 impl PolicyWatch {
@@ -135,6 +140,14 @@ impl BackgroundService for PolicyWatch {
                 return;
             }
         };
+        // L2's connection tasks live on this service's runtime, which lasts as long as the process.
+        if let Some(target) = &self.redis {
+            let client = self.shared.policy.load().client.clone();
+            match L2::new(target, &client, &self.shared.metrics) {
+                Ok(l2) => self.shared.cache.set_l2(l2),
+                Err(e) => error!(error = %e, "the cache's L2 is off"),
+            }
+        }
         let read = || std::fs::read(&self.path).ok();
         let mut seen = read();
         // SIGHUP is handled now (its default would kill the process); Pingora retries a busy

@@ -26,8 +26,9 @@ struct Meta<'a> {
 
 /// The sections, in the route's fetch order, as the members of one JSON object without its
 /// braces: `"user":{…},"recentOrders":[…]`. Apart from `meta`, so it can be stored as is.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sections {
-    pub json: Vec<u8>,
+    pub json: Bytes,
     /// Names of the fetches that failed and hold their fallback.
     pub degraded: Vec<String>,
 }
@@ -54,7 +55,10 @@ impl Sections {
                 }
             }
         }
-        Sections { json, degraded }
+        Sections {
+            json: Bytes::from(json),
+            degraded,
+        }
     }
 
     pub fn is_degraded(&self) -> bool {

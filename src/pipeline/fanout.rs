@@ -25,7 +25,7 @@ pub enum Section {
 }
 
 /// Why a route gets no answer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum RouteFailure {
     /// A critical fetch failed.
     Critical { fetch: String, error: CallError },

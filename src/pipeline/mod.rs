@@ -1,6 +1,7 @@
 //! The request pipeline, one stage per module, in the order a request meets them:
 //! edge (trace id, loop check) → route → auth (credential, route's `auth` and `scopes`) →
-//! rate_limit → inputs → fanout (calls, each answer projected) → assemble → respond → observe;
+//! rate_limit → inputs → cache (cached routes) → fanout (calls, each answer projected) → assemble
+//! → respond → observe;
 //! `proxy` routes take proxy_route instead of fanout and assemble. Auth follows routing because
 //! only matched routes need a token; rate limits follow auth because the verified credential
 //! names the identity they count.
@@ -10,6 +11,7 @@ pub mod route;
 pub mod auth;
 pub mod rate_limit;
 pub mod inputs;
+pub mod cache;
 pub mod fanout;
 pub mod assemble;
 pub mod proxy_route;
@@ -18,13 +20,17 @@ pub mod observe;
 
 pub use inputs::claim_value;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use http::HeaderValue;
 use pingora::proxy::Session;
 
+use crate::cache::{Entry, Failed};
 use crate::envelope::{Envelope, ErrorCode};
 use crate::policy::{Action, Fetch, Route};
 use crate::proxy::{RequestCtx, Shared};
-use crate::upstream::{Caller, Failure};
+use crate::upstream::Failure;
 use auth::{Principal, Refusal};
 use fanout::RouteFailure;
 use inputs::Inputs;
@@ -106,17 +112,20 @@ pub async fn handle(
     }
 }
 
-/// A `fetch` route: inputs checked, fetches run, sections assembled and written.
+/// A `fetch` route: inputs checked, the answer taken from the cache or computed, written
+/// (or `304` when the client holds it already).
+const ZERO: Duration = Duration::ZERO;
+
 async fn serve_fetches(
     session: &mut Session,
     ctx: &RequestCtx,
     shared: &Shared,
-    route: &Route,
+    route: &Arc<Route>,
     fetches: &[Fetch],
 ) -> pingora::Result<()> {
     let request = session.req_header();
-    let query = request.uri.query().unwrap_or("");
-    let inputs = Inputs::of(ctx, query);
+    let query = request.uri.query().unwrap_or("").to_string();
+    let inputs = Inputs::of(ctx, &query);
     match fetches
         .iter()
         .try_for_each(|f| inputs.check(&f.path, &f.upstream))
@@ -127,44 +136,78 @@ async fn serve_fetches(
         }
         Err(code) => return respond::error(session, ctx, &code.into(), &[]).await,
     }
-    let fanout = fanout::Request {
-        route,
-        inputs: &inputs,
-        caller: Caller {
-            route: &route.name,
-            dependency: "",
-            trace_id: &ctx.trace_id,
-            traceparent: ctx.traceparent.as_ref(),
-            claims: ctx.claims.as_ref(),
-            api_client: ctx.api_client.as_ref(),
-        },
-        metrics: &shared.metrics,
-        client: &ctx.policy.client,
+    let work = cache::Work::of(ctx, route, &query, &shared.metrics);
+    let answer = match &route.cache {
+        Some(policy) => cache::serve(&shared.cache, work, policy).await,
+        None => work
+            .compute()
+            .await
+            .map(|(sections, _)| {
+                let entry = Entry::new(route.version, &route.shape, sections, 0, ZERO, ZERO);
+                (Arc::new(entry), "off")
+            })
+            .map_err(Failed::Route),
     };
-    let envelope = match fanout::run(fetches, &ctx.policy.upstreams, &fanout).await {
-        Ok(sections) => {
-            let sections = assemble::Sections::new(fetches, sections);
-            for name in &sections.degraded {
-                shared
-                    .metrics
-                    .degraded_responses_total
-                    .with_label_values(&[ctx.policy.client.as_str(), &route.name, name])
-                    .inc();
-            }
-            let body = assemble::body(&sections, &ctx.trace_id, ctx.started.elapsed(), "off");
-            let headers = assemble::headers(route, &sections);
-            return respond::json(session, ctx, 200, &headers, body).await;
-        }
+    let envelope = match answer {
+        Ok((entry, word)) => return answer_with(session, ctx, shared, route, &entry, word).await,
         // A missing resource is the client's answer, not an outage.
-        Err(RouteFailure::Critical { error, .. })
+        Err(Failed::Route(RouteFailure::Critical { error, .. }))
             if matches!(error.failure, Failure::Status(404 | 410)) =>
         {
             Envelope::from(ErrorCode::NotFound)
         }
-        Err(RouteFailure::Critical { .. }) => Envelope::from(&route.on_critical_failure),
-        Err(RouteFailure::Deadline) => Envelope::from(ErrorCode::DeadlineExceeded),
+        Err(Failed::Route(RouteFailure::Critical { .. })) => {
+            Envelope::from(&route.on_critical_failure)
+        }
+        Err(Failed::Route(RouteFailure::Deadline)) => Envelope::from(ErrorCode::DeadlineExceeded),
+        Err(Failed::Panicked | Failed::Busy) => Envelope::from(ErrorCode::Internal),
     };
     respond::error(session, ctx, &envelope, &[]).await
+}
+
+/// Writes a `fetch` route's answer with this request's `meta`, or `304` when `If-None-Match`
+/// names its ETag.
+async fn answer_with(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    shared: &Shared,
+    route: &Route,
+    entry: &Entry,
+    cache_word: &str,
+) -> pingora::Result<()> {
+    let sections = &entry.sections;
+    for name in &sections.degraded {
+        shared
+            .metrics
+            .degraded_responses_total
+            .with_label_values(&[ctx.policy.client.as_str(), &route.name, name])
+            .inc();
+    }
+    let mut headers = assemble::headers(route, sections);
+    if let Ok(etag) = HeaderValue::from_str(&entry.etag) {
+        headers.push((http::header::ETAG, etag));
+    }
+    let held = session
+        .req_header()
+        .headers
+        .get_all(http::header::IF_NONE_MATCH)
+        .iter()
+        .any(|v| names_etag(v, &entry.etag));
+    if held {
+        return respond::not_modified(session, ctx, &headers).await;
+    }
+    let body = assemble::body(sections, &ctx.trace_id, ctx.started.elapsed(), cache_word);
+    respond::json(session, ctx, 200, &headers, body).await
+}
+
+/// Whether an `If-None-Match` value names `etag` (weak comparison, RFC 9110 §13.1.2), or is `*`.
+fn names_etag(value: &HeaderValue, etag: &str) -> bool {
+    let Ok(text) = value.to_str() else {
+        return false;
+    };
+    text.split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
 }
 
 /// 401 or 403 with the challenges RFC 6750 asks for; the reason goes to the metric, not to

@@ -34,6 +34,20 @@ pub async fn json(
     Ok(())
 }
 
+/// `304 Not Modified`: the headers of the answer the client holds, no body.
+pub async fn not_modified(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    headers: &[(HeaderName, HeaderValue)],
+) -> pingora::Result<()> {
+    let mut header = ResponseHeader::build(304, Some(headers.len() + 1))?;
+    header.insert_header(TRACE_HEADER, &ctx.trace_id)?;
+    for (name, value) in headers {
+        header.append_header(name.clone(), value.clone())?;
+    }
+    session.write_response_header(Box::new(header), true).await
+}
+
 pub async fn error(
     session: &mut Session,
     ctx: &RequestCtx,

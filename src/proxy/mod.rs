@@ -18,6 +18,7 @@ use tracing::error;
 pub use active::Active;
 pub use ctx::{Claims, RequestCtx};
 
+use crate::cache::Cache;
 use crate::envelope::{Envelope, ErrorCode};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, edge, observe, respond};
@@ -27,6 +28,8 @@ use crate::upstream;
 /// State shared by every request, the admin port and the background jobs.
 pub struct Shared {
     pub policy: ArcSwap<Active>,
+    /// Cached answers of `fetch` routes; it outlives policy reloads (keys follow the shape).
+    pub cache: Arc<Cache>,
     pub metrics: Arc<Metrics>,
     pub in_flight: Arc<AtomicUsize>,
     /// False until the background jobs (signals, policy watch) run, and again while draining.
@@ -38,6 +41,7 @@ impl Shared {
         let metrics = Arc::new(Metrics::new());
         Shared {
             policy: ArcSwap::from_pointee(Active::new(policy, &metrics, None)),
+            cache: Arc::new(Cache::new(crate::cache::L1_BYTES)),
             metrics,
             in_flight: Arc::new(AtomicUsize::new(0)),
             ready: AtomicBool::new(false),

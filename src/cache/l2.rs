@@ -1,0 +1,325 @@
+//! cache::l2: the shared layer in Redis, a single node or a Redis Cluster. Every call has a
+//! tight timeout, and a failure is counted and reads as a miss: when Redis is slow or down the
+//! sidecar serves from L1 and upstreams, and the connection comes back by itself.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, RedisFuture, Value};
+
+use crate::metrics::Metrics;
+
+/// Longest wait for one Redis call: a cache that waits longer than an upstream call is no cache.
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(50);
+/// How often a cluster connection that could not be made is tried again.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+/// Where L2 lives: `redis://host:port[/db]`, or `redis+cluster://host:port[,host:port…]` for a
+/// Redis Cluster (any of its nodes; the rest are discovered).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, String> {
+        if let Some(nodes) = url.strip_prefix("redis+cluster://") {
+            let nodes: Vec<String> = nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(|n| format!("redis://{n}"))
+                .collect();
+            if nodes.is_empty() {
+                return Err(format!("`{url}` names no cluster node"));
+            }
+            for node in &nodes {
+                redis::Client::open(node.as_str())
+                    .map_err(|e| format!("`{url}`: node `{node}`: {e}"))?;
+            }
+            return Ok(Target::Cluster(nodes));
+        }
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(format!(
+                "`{url}` is not a Redis URL: use redis://host:port or redis+cluster://host:port,host:port"
+            ));
+        }
+        redis::Client::open(url).map_err(|e| format!("`{url}`: {e}"))?;
+        Ok(Target::Single(url.to_string()))
+    }
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The Redis layer: a connection that reconnects by itself, and counted, timed calls.
+pub struct L2 {
+    conn: Arc<ArcSwapOption<Conn>>,
+    client: String,
+    metrics: Arc<Metrics>,
+}
+
+impl L2 {
+    /// Connects lazily: the sidecar starts and serves while Redis is down. Must run inside the
+    /// Tokio runtime (the connection tasks live there).
+    pub fn new(target: &Target, client: &str, metrics: &Arc<Metrics>) -> Result<L2, String> {
+        let conn = Arc::new(ArcSwapOption::empty());
+        match target {
+            Target::Single(url) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_millis(500)))
+                    .set_response_timeout(Some(CALL_TIMEOUT))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                let manager = redis::Client::open(url.as_str())
+                    .and_then(|c| c.get_connection_manager_lazy(config))
+                    .map_err(|e| format!("Redis `{url}`: {e}"))?;
+                conn.store(Some(Arc::new(Conn::Single(manager))));
+            }
+            Target::Cluster(nodes) => {
+                let cluster = ClusterClient::builder(nodes.clone())
+                    .connection_timeout(Duration::from_millis(500))
+                    .response_timeout(CALL_TIMEOUT)
+                    .build()
+                    .map_err(|e| format!("Redis Cluster {nodes:?}: {e}"))?;
+                let slot = conn.clone();
+                // A cluster connection needs the cluster to answer once; until it does, L2
+                // reads as missing, and this keeps trying.
+                tokio::spawn(async move {
+                    loop {
+                        match cluster.get_async_connection().await {
+                            Ok(c) => {
+                                slot.store(Some(Arc::new(Conn::Cluster(c))));
+                                tracing::info!("connected to the Redis Cluster");
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "Redis Cluster not reachable; retrying");
+                                tokio::time::sleep(RECONNECT_EVERY).await;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        Ok(L2 {
+            conn,
+            client: client.to_string(),
+            metrics: metrics.clone(),
+        })
+    }
+
+    /// Runs one command within [`CALL_TIMEOUT`]; counts and times it under `op`.
+    async fn call<T: FromRedisValue>(&self, op: &str, cmd: &Cmd) -> Option<T> {
+        let started = Instant::now();
+        let labels = [self.client.as_str(), op];
+        let Some(conn) = self.conn.load_full() else {
+            self.metrics
+                .cache_l2_errors_total
+                .with_label_values(&labels)
+                .inc();
+            return None;
+        };
+        let mut conn = (*conn).clone();
+        let result = tokio::time::timeout(CALL_TIMEOUT, cmd.query_async::<T>(&mut conn)).await;
+        self.metrics
+            .cache_l2_duration_seconds
+            .with_label_values(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(e)) => {
+                tracing::debug!(op, error = %e, "Redis call failed");
+                self.metrics
+                    .cache_l2_errors_total
+                    .with_label_values(&labels)
+                    .inc();
+                None
+            }
+            Err(_) => {
+                tracing::debug!(op, "Redis call timed out");
+                self.metrics
+                    .cache_l2_errors_total
+                    .with_label_values(&labels)
+                    .inc();
+                None
+            }
+        }
+    }
+
+    /// The value under `key`; `None` when absent or Redis failed.
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.call::<Option<Vec<u8>>>("get", redis::cmd("GET").arg(key))
+            .await
+            .flatten()
+    }
+
+    /// Stores `value` for `ttl` (Redis `PX`). Failures are counted, never fatal.
+    pub async fn set(&self, key: &str, value: &[u8], ttl: Duration) {
+        let ms = ttl.as_millis().max(1) as u64;
+        let _: Option<()> = self
+            .call(
+                "set",
+                redis::cmd("SET").arg(key).arg(value).arg("PX").arg(ms),
+            )
+            .await;
+    }
+
+    /// Takes the recompute lock of `key` for `ttl`: `Some(true)` taken, `Some(false)` someone
+    /// holds it, `None` Redis failed (then the caller recomputes without it).
+    pub async fn lock(&self, key: &str, token: &str, ttl: Duration) -> Option<bool> {
+        let ms = ttl.as_millis().max(1) as u64;
+        let reply: Option<Option<String>> = self
+            .call(
+                "lock",
+                redis::cmd("SET")
+                    .arg(lock_key(key))
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms),
+            )
+            .await;
+        reply.map(|r| r.is_some())
+    }
+
+    /// Releases the lock if it is still ours (it may have expired and been taken since).
+    pub async fn unlock(&self, key: &str, token: &str) {
+        const RELEASE: &str =
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+        let _: Option<i64> = self
+            .call(
+                "unlock",
+                redis::cmd("EVAL")
+                    .arg(RELEASE)
+                    .arg(1)
+                    .arg(lock_key(key))
+                    .arg(token),
+            )
+            .await;
+    }
+
+    /// Removes `keys` (`UNLINK`, so Redis frees them off its main thread).
+    pub async fn unlink(&self, keys: &[String]) -> Option<i64> {
+        if keys.is_empty() {
+            return Some(0);
+        }
+        // In a cluster, keys of different slots cannot go in one command.
+        let mut removed = 0;
+        for key in keys {
+            removed += self
+                .call::<i64>("unlink", redis::cmd("UNLINK").arg(key))
+                .await?;
+        }
+        Some(removed)
+    }
+
+    /// The keys starting with `prefix`, walked with `SCAN` (never `KEYS`), on a single node.
+    /// In a cluster, keys live on several nodes: `bff cache audit` walks them all; here the
+    /// sidecar only removes what it can find through the connection's node.
+    pub async fn scan(&self, prefix: &str) -> Option<Vec<String>> {
+        let pattern = format!("{}*", escape_glob(prefix));
+        let mut cursor: u64 = 0;
+        let mut keys = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = self
+                .call(
+                    "scan",
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await?;
+            keys.extend(batch.into_iter().filter(|k| !k.ends_with(LOCK_SUFFIX)));
+            if next == 0 {
+                return Some(keys);
+            }
+            cursor = next;
+        }
+    }
+}
+
+const LOCK_SUFFIX: &str = ":lock";
+
+fn lock_key(key: &str) -> String {
+    format!("{key}{LOCK_SUFFIX}")
+}
+
+/// `SCAN MATCH` treats `*?[]\` as pattern characters.
+fn escape_glob(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            Target::parse("redis://127.0.0.1:6379"),
+            Ok(Target::Single("redis://127.0.0.1:6379".into()))
+        );
+        assert_eq!(
+            Target::parse("redis+cluster://10.0.0.1:7000, 10.0.0.2:7001"),
+            Ok(Target::Cluster(vec![
+                "redis://10.0.0.1:7000".into(),
+                "redis://10.0.0.2:7001".into()
+            ]))
+        );
+        for bad in ["http://x", "redis+cluster://", "localhost:6379", ""] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(escape_glob("a:b*c?[d]\\"), "a:b\\*c\\?\\[d\\]\\\\");
+    }
+}

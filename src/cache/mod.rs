@@ -1,0 +1,190 @@
+//! cache: the versioned cache of `fetch` routes' answers. L1 in process (moka, bounded by bytes),
+//! L2 in Redis (`l2`), keys that change with the policy's shape (`key`), entries that know
+//! their own age and recompute cost (`entry`), and one recompute per key at a time in this
+//! process (`Cache::flight`; across instances a Redis lock, see `pipeline::cache`).
+
+pub mod entry;
+pub mod key;
+pub mod l2;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use futures::future::{BoxFuture, Shared};
+use futures::FutureExt;
+
+use crate::pipeline::fanout::RouteFailure;
+pub use entry::{Entry, Freshness};
+pub use l2::{Target, L2};
+
+/// The default bound of L1.
+pub const L1_BYTES: u64 = 64 << 20;
+
+/// Why a shared recompute produced no entry.
+#[derive(Debug, Clone)]
+pub enum Failed {
+    Route(RouteFailure),
+    /// The recompute task panicked (the process lives on).
+    Panicked,
+    /// A background refresh found another instance at work on the key.
+    Busy,
+}
+
+/// One recompute of one key, awaited by every request that wants it.
+pub type Flight = Shared<BoxFuture<'static, Result<Arc<Entry>, Failed>>>;
+
+/// Which layer answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    L1,
+    L2,
+}
+
+impl Layer {
+    pub fn label(self) -> &'static str {
+        match self {
+            Layer::L1 => "l1",
+            Layer::L2 => "l2",
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Kept {
+    entry: Arc<Entry>,
+    /// How long L1 may keep it: never longer than L2 does.
+    keep: Duration,
+}
+
+struct KeepFor;
+
+impl moka::Expiry<String, Kept> for KeepFor {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        kept: &Kept,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(kept.keep)
+    }
+}
+
+/// Both layers and the recomputes under way. One per process: it outlives policy reloads, whose
+/// keys change by themselves when a route's shape or version does.
+pub struct Cache {
+    l1: moka::sync::Cache<String, Kept>,
+    l2: ArcSwapOption<L2>,
+    flights: Mutex<HashMap<String, Flight>>,
+}
+
+impl Cache {
+    pub fn new(l1_bytes: u64) -> Cache {
+        Cache {
+            l1: moka::sync::Cache::builder()
+                .max_capacity(l1_bytes)
+                .weigher(|key: &String, kept: &Kept| {
+                    kept.entry
+                        .weight()
+                        .saturating_add(u32::try_from(key.len()).unwrap_or(u32::MAX))
+                })
+                .expire_after(KeepFor)
+                .build(),
+            l2: ArcSwapOption::empty(),
+            flights: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Puts L2 in use (from a task of the runtime its connection lives on).
+    pub fn set_l2(&self, l2: L2) {
+        self.l2.store(Some(Arc::new(l2)));
+    }
+
+    pub fn l2(&self) -> Option<Arc<L2>> {
+        self.l2.load_full()
+    }
+
+    pub fn l1_get(&self, key: &str) -> Option<Arc<Entry>> {
+        self.l1.get(key).map(|kept| kept.entry)
+    }
+
+    /// From L2 (`None` when absent, foreign, or Redis failed); a found entry is put in L1 for
+    /// `keep`.
+    pub async fn l2_get(&self, key: &str, keep: impl Fn(&Entry) -> Duration) -> Option<Arc<Entry>> {
+        let l2 = self.l2()?;
+        let bytes = l2.get(key).await?;
+        let entry = Arc::new(Entry::decode(&bytes)?);
+        let keep = keep(&entry);
+        if !keep.is_zero() {
+            self.l1.insert(
+                key.to_string(),
+                Kept {
+                    entry: entry.clone(),
+                    keep,
+                },
+            );
+        }
+        Some(entry)
+    }
+
+    /// Stores in both layers for `keep` (the entry's lifetime plus its stale window).
+    pub async fn put(&self, key: &str, entry: Arc<Entry>, keep: Duration) {
+        if keep.is_zero() {
+            return;
+        }
+        if let Some(l2) = self.l2() {
+            l2.set(key, &entry.encode(), keep).await;
+        }
+        self.l1.insert(key.to_string(), Kept { entry, keep });
+    }
+
+    /// The recompute of `key` under way, or a new one made by `start`; `true` when this call
+    /// started it.
+    pub fn flight(
+        self: &Arc<Self>,
+        key: &str,
+        start: impl FnOnce() -> BoxFuture<'static, Result<Arc<Entry>, Failed>>,
+    ) -> (Flight, bool) {
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flight) = flights.get(key) {
+            return (flight.clone(), false);
+        }
+        let work = start();
+        let cache = self.clone();
+        let owned = key.to_string();
+        // The work runs as its own task: a client that leaves does not cancel a recompute
+        // others wait for, and its result still lands in the cache.
+        let task = tokio::spawn(async move {
+            let result = work.await;
+            cache
+                .flights
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&owned);
+            result
+        });
+        let flight = async move { task.await.unwrap_or(Err(Failed::Panicked)) }
+            .boxed()
+            .shared();
+        flights.insert(key.to_string(), flight.clone());
+        (flight, true)
+    }
+
+    /// Forgets every entry whose key starts with `prefix`: in L1 here, in L2 for everyone.
+    /// Returns how many L2 keys were removed (`None`: no L2, or it failed).
+    pub async fn invalidate(&self, prefix: &str) -> Option<i64> {
+        let doomed: Vec<String> = self
+            .l1
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .map(|(key, _)| (*key).clone())
+            .collect();
+        for key in doomed {
+            self.l1.invalidate(&key);
+        }
+        let l2 = self.l2()?;
+        let keys = l2.scan(prefix).await?;
+        l2.unlink(&keys).await
+    }
+}

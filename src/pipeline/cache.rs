@@ -1,0 +1,329 @@
+//! cache (stage): a cached `fetch` route's answer from L1 or L2 while it is fresh enough, else
+//! recomputed once for everyone who asks.
+//!
+//! A fresh entry is served (`hit`); one that XFetch draws as expiring early is served and
+//! recomputed in the background (`early`); one past its expiry but inside
+//! `stale_while_revalidate` likewise (`stale`); anything else is a `miss`, recomputed once per
+//! key in this process (the other requests wait for it: single-flight) and, with Redis, once
+//! per key across instances (a short lock; a waiter that gives up recomputes itself). Only
+//! whole answers are stored, and degraded ones only when the route sets `degraded_ttl`.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use http::HeaderValue;
+use rand::Rng;
+
+use super::assemble::Sections;
+use super::fanout::{self, RouteFailure};
+use super::inputs::Inputs;
+use crate::cache::entry::now_ms;
+use crate::cache::{key, Cache, Entry, Failed, Freshness, Layer};
+use crate::metrics::Metrics;
+use crate::policy::{Action, CachePolicy, Route};
+use crate::proxy::{Active, Claims, RequestCtx};
+use crate::upstream::Caller;
+
+/// How long a recompute holds its key's lock when the route has no `deadline`.
+const DEFAULT_LOCK: Duration = Duration::from_secs(3);
+/// How often a request waiting for another instance's recompute looks for its result.
+const LOCK_POLL: Duration = Duration::from_millis(20);
+
+/// What computing a route's answer needs, owned, so a recompute can outlive the request that
+/// started it.
+pub struct Work {
+    pub active: Arc<Active>,
+    pub route: Arc<Route>,
+    pub params: Vec<(String, String)>,
+    pub query: String,
+    pub claims: Option<Arc<Claims>>,
+    pub api_client: Option<Arc<str>>,
+    pub trace_id: String,
+    pub traceparent: Option<HeaderValue>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Work {
+    pub fn of(ctx: &RequestCtx, route: &Arc<Route>, query: &str, metrics: &Arc<Metrics>) -> Work {
+        Work {
+            active: ctx.policy.clone(),
+            route: route.clone(),
+            params: ctx.params.clone(),
+            query: query.to_string(),
+            claims: ctx.claims.clone(),
+            api_client: ctx.api_client.clone(),
+            trace_id: ctx.trace_id.clone(),
+            traceparent: ctx.traceparent.clone(),
+            metrics: metrics.clone(),
+        }
+    }
+
+    fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            params: &self.params,
+            query: &self.query,
+            claims: self.claims.as_deref(),
+            api_client: self.api_client.as_deref(),
+        }
+    }
+
+    /// Runs the route's fetches: the sections, and how long that took.
+    pub async fn compute(&self) -> Result<(Sections, Duration), RouteFailure> {
+        let Action::Fetch(fetches) = &self.route.action else {
+            return Ok((Sections::new(&[], Vec::new()), Duration::ZERO));
+        };
+        let started = Instant::now();
+        let inputs = self.inputs();
+        let request = fanout::Request {
+            route: &self.route,
+            inputs: &inputs,
+            caller: Caller {
+                route: &self.route.name,
+                dependency: "",
+                trace_id: &self.trace_id,
+                traceparent: self.traceparent.as_ref(),
+                claims: self.claims.as_ref(),
+                api_client: self.api_client.as_ref(),
+            },
+            metrics: &self.metrics,
+            client: &self.active.client,
+        };
+        let sections = fanout::run(fetches, &self.active.upstreams, &request).await?;
+        Ok((Sections::new(fetches, sections), started.elapsed()))
+    }
+
+    /// The request's cache key (see `cache::key`).
+    pub fn key(&self, policy: &CachePolicy) -> String {
+        let inputs = self.inputs();
+        let identity = self
+            .claims
+            .as_deref()
+            .and_then(|c| super::claim_value(c, "sub"))
+            .or_else(|| self.api_client.as_deref().map(Cow::Borrowed));
+        let vars = key::inputs_of(&self.route);
+        key::key(
+            &self.route.key_prefix(&self.active.client),
+            policy.scope,
+            identity.as_deref(),
+            vars.iter().map(|v| inputs.value(v, |_| None)),
+        )
+    }
+
+    fn labels(&self) -> [&str; 2] {
+        [self.active.client.as_str(), self.route.name.as_str()]
+    }
+}
+
+/// Why a recompute ran: the `trigger` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    Miss,
+    Early,
+    Stale,
+}
+
+impl Trigger {
+    fn label(self) -> &'static str {
+        match self {
+            Trigger::Miss => "miss",
+            Trigger::Early => "early",
+            Trigger::Stale => "stale",
+        }
+    }
+}
+
+/// The route's answer and the `meta.cache` word for it (`hit`, `early`, `stale`, `miss`).
+pub async fn serve(
+    cache: &Arc<Cache>,
+    work: Work,
+    policy: &CachePolicy,
+) -> Result<(Arc<Entry>, &'static str), Failed> {
+    let key = work.key(policy);
+    let now = now_ms();
+    let count = |layer: Layer, result: &str| {
+        let [client, route] = work.labels();
+        work.metrics
+            .cache_lookups_total
+            .with_label_values(&[client, route, layer.label(), result])
+            .inc();
+    };
+    let mut found = cache.l1_get(&key).map(|e| (e, Layer::L1));
+    if found.is_none() {
+        count(Layer::L1, "miss");
+        if cache.l2().is_some() {
+            found = cache
+                .l2_get(&key, |e| keep_from(e, now, policy))
+                .await
+                .map(|e| (e, Layer::L2));
+            if found.is_none() {
+                count(Layer::L2, "miss");
+            }
+        }
+    }
+    if let Some((entry, layer)) = found {
+        // Defence in depth: the key holds version and shape, and so does the entry.
+        let matches = entry.version == work.route.version && entry.shape == work.route.shape;
+        let draw = rand::rng().random::<f64>();
+        let freshness = if matches {
+            entry.freshness(now, policy.beta, policy.stale_while_revalidate, draw)
+        } else {
+            Freshness::Expired
+        };
+        let trigger = match freshness {
+            Freshness::Fresh => {
+                count(layer, "hit");
+                return Ok((entry, "hit"));
+            }
+            Freshness::Early => Some((Trigger::Early, "early")),
+            Freshness::Stale => Some((Trigger::Stale, "stale")),
+            Freshness::Expired => None,
+        };
+        if let Some((trigger, word)) = trigger {
+            count(layer, word);
+            let policy = policy.clone();
+            // Served now; the recompute runs on its own (and not at all if one is under way).
+            let _ = cache.flight(&key, || {
+                recompute(cache.clone(), work, key.clone(), policy, trigger).boxed()
+            });
+            return Ok((entry, word));
+        }
+        count(layer, "miss");
+    }
+    let labels = work.labels().map(str::to_string);
+    let metrics = work.metrics.clone();
+    let owned = policy.clone();
+    let (flight, started) = cache.flight(&key, || {
+        recompute(cache.clone(), work, key.clone(), owned, Trigger::Miss).boxed()
+    });
+    if !started {
+        metrics
+            .cache_coalesced_total
+            .with_label_values(&[&labels[0], &labels[1]])
+            .inc();
+    }
+    flight.await.map(|entry| (entry, "miss"))
+}
+
+/// How long the layers keep an entry found in L2: what is left of its life and stale window.
+fn keep_from(entry: &Entry, now: u64, policy: &CachePolicy) -> Duration {
+    let until = entry
+        .expires_ms
+        .saturating_add(policy.stale_while_revalidate.as_millis() as u64);
+    Duration::from_millis(until.saturating_sub(now))
+}
+
+/// `ttl` moved by up to ±`jitter`, so keys written together do not expire together.
+fn jittered(ttl: Duration, jitter: Duration) -> Duration {
+    if jitter.is_zero() {
+        return ttl;
+    }
+    let jitter = jitter.min(ttl / 2).as_millis() as i64;
+    let shift = rand::rng().random_range(-jitter..=jitter);
+    let ms = (ttl.as_millis() as i64).saturating_add(shift).max(1);
+    Duration::from_millis(ms as u64)
+}
+
+/// Computes `key` once, stores it when it may be stored, and releases the lock.
+async fn recompute(
+    cache: Arc<Cache>,
+    work: Work,
+    key: String,
+    policy: CachePolicy,
+    trigger: Trigger,
+) -> Result<Arc<Entry>, Failed> {
+    let l2 = cache.l2();
+    let lock_for = work.route.deadline.unwrap_or(DEFAULT_LOCK);
+    let token = format!("{:016x}", rand::rng().random::<u64>());
+    let mut locked = false;
+    if let Some(l2) = &l2 {
+        match l2.lock(&key, &token, lock_for).await {
+            Some(true) => locked = true,
+            // Another instance is at it: a background refresh leaves it the work; a miss
+            // waits for its answer, at most as long as its lock lives.
+            Some(false) if trigger != Trigger::Miss => return Err(Failed::Busy),
+            Some(false) => {
+                let until = Instant::now() + lock_for;
+                while Instant::now() < until {
+                    tokio::time::sleep(LOCK_POLL).await;
+                    let now = now_ms();
+                    let fresh = cache
+                        .l2_get(&key, |e| keep_from(e, now, &policy))
+                        .await
+                        .filter(|e| e.version == work.route.version && e.shape == work.route.shape)
+                        .filter(|e| now < e.expires_ms);
+                    if let Some(entry) = fresh {
+                        let [client, route] = work.labels();
+                        work.metrics
+                            .cache_coalesced_total
+                            .with_label_values(&[client, route])
+                            .inc();
+                        return Ok(entry);
+                    }
+                }
+                tracing::debug!(%key, "the instance holding the recompute lock did not answer in time; recomputing");
+            }
+            // Redis failed: recompute without the lock rather than not at all.
+            None => {}
+        }
+    }
+    {
+        let [client, route] = work.labels();
+        work.metrics
+            .cache_recomputes_total
+            .with_label_values(&[client, route, trigger.label()])
+            .inc();
+    }
+    let result = work.compute().await;
+    let outcome = match result {
+        Ok((sections, delta)) => {
+            let (ttl, keep) = if sections.is_degraded() {
+                match policy.degraded_ttl {
+                    Some(ttl) => (ttl, ttl),
+                    None => (Duration::ZERO, Duration::ZERO),
+                }
+            } else {
+                let ttl = jittered(policy.ttl, policy.jitter);
+                (ttl, ttl + policy.stale_while_revalidate)
+            };
+            let entry = Arc::new(Entry::new(
+                work.route.version,
+                &work.route.shape,
+                sections,
+                now_ms(),
+                ttl,
+                delta,
+            ));
+            cache.put(&key, entry.clone(), keep).await;
+            Ok(entry)
+        }
+        Err(failure) => Err(Failed::Route(failure)),
+    };
+    if let (true, Some(l2)) = (locked, &l2) {
+        l2.unlock(&key, &token).await;
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_bounds_and_spreads() {
+        let ttl = Duration::from_secs(60);
+        let jitter = Duration::from_secs(15);
+        let draws: Vec<Duration> = (0..500).map(|_| jittered(ttl, jitter)).collect();
+        assert!(draws
+            .iter()
+            .all(|d| *d >= Duration::from_secs(45) && *d <= Duration::from_secs(75)));
+        let distinct: std::collections::HashSet<_> = draws.iter().collect();
+        assert!(distinct.len() > 100, "{}", distinct.len());
+        assert_eq!(jittered(ttl, Duration::ZERO), ttl);
+        // A jitter larger than the TTL never makes it zero or negative.
+        assert!((0..100).all(
+            |_| jittered(Duration::from_secs(2), Duration::from_secs(60)) >= Duration::from_secs(1)
+        ));
+    }
+}
