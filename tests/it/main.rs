@@ -1,6 +1,7 @@
 //! Integration tests for `bff`: one test binary (`cargo test --test it`) so Pingora links once.
 
 mod auth_methods;
+mod cache;
 mod check;
 mod claims;
 mod credentials;
