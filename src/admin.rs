@@ -1,4 +1,5 @@
-//! The admin port, apart from client traffic: `/metrics`, `/healthz`, `/readyz`, `/policy`.
+//! The admin port, apart from client traffic: `/metrics`, `/healthz`, `/readyz`, `/policy`,
+//! and `DELETE /cache/{route}[?key=INPUTS]` to invalidate cached answers.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,8 +37,52 @@ impl ServeHttp for Admin {
                 let body = describe(&self.shared.policy.load());
                 reply(200, "application/json", body.to_string().into_bytes())
             }
+            cache if cache.starts_with("/cache/") => {
+                if session.req_header().method != http::Method::DELETE {
+                    return reply(405, "text/plain", b"use DELETE\n".to_vec());
+                }
+                let route = &cache["/cache/".len()..];
+                let query = session.req_header().uri.query().unwrap_or("").to_string();
+                self.invalidate(route, &query).await
+            }
             _ => reply(404, "text/plain", b"not found\n".to_vec()),
         }
+    }
+}
+
+impl Admin {
+    /// `DELETE /cache/{route}`: every key of the route, of any version; with `?key=INPUTS`
+    /// (the part of a key after the shape, as `/policy`'s `cacheKeyPrefix` is followed in
+    /// Redis) that one key of the live version and shape.
+    async fn invalidate(&self, route: &str, query: &str) -> Response<Vec<u8>> {
+        let active = self.shared.policy.load_full();
+        let Some(found) = active.routes.iter().find(|r| r.name == route) else {
+            let body = json!({"error": format!("no route `{route}` in the policy")});
+            return reply(404, "application/json", body.to_string().into_bytes());
+        };
+        let inputs = crate::pipeline::inputs::query_value(query, "key");
+        let (key, prefix) = match &inputs {
+            Some(inputs) => (
+                format!("{}{inputs}", found.key_prefix(&active.client)),
+                false,
+            ),
+            None => (format!("{}:{}:", active.client, found.name), true),
+        };
+        let (l1, l2) = self.shared.cache.invalidate(&key, prefix).await;
+        tracing::info!(route, %key, prefix, l1, l2, "cache invalidated");
+        let body = json!({
+            "route": found.name,
+            "key": key,
+            "prefix": prefix,
+            "l1Removed": l1,
+            "l2Removed": l2,
+        });
+        let status = if self.shared.cache.l2().is_some() && l2.is_none() {
+            502
+        } else {
+            200
+        };
+        reply(status, "application/json", body.to_string().into_bytes())
     }
 }
 

@@ -171,20 +171,38 @@ impl Cache {
         (flight, true)
     }
 
-    /// Forgets every entry whose key starts with `prefix`: in L1 here, in L2 for everyone.
-    /// Returns how many L2 keys were removed (`None`: no L2, or it failed).
-    pub async fn invalidate(&self, prefix: &str) -> Option<i64> {
-        let doomed: Vec<String> = self
-            .l1
-            .iter()
-            .filter(|(key, _)| key.starts_with(prefix))
-            .map(|(key, _)| (*key).clone())
-            .collect();
-        for key in doomed {
-            self.l1.invalidate(&key);
+    /// Forgets `key`, or with `prefix` every key starting with it: in L1 here, in L2 for every
+    /// instance. Returns how many entries L1 dropped, and how many keys L2 removed (`None`: no
+    /// L2, or it failed).
+    pub async fn invalidate(&self, key: &str, prefix: bool) -> (usize, Option<i64>) {
+        let doomed: Vec<String> = if prefix {
+            self.l1
+                .iter()
+                .filter(|(k, _)| k.starts_with(key))
+                .map(|(k, _)| (*k).clone())
+                .collect()
+        } else {
+            self.l1
+                .get(key)
+                .map(|_| key.to_string())
+                .into_iter()
+                .collect()
+        };
+        for k in &doomed {
+            self.l1.invalidate(k);
         }
-        let l2 = self.l2()?;
-        let keys = l2.scan(prefix).await?;
-        l2.unlink(&keys).await
+        let Some(l2) = self.l2() else {
+            return (doomed.len(), None);
+        };
+        let keys = if prefix {
+            l2.scan(key).await
+        } else {
+            Some(vec![key.to_string()])
+        };
+        let removed = match keys {
+            Some(keys) => l2.unlink(&keys).await,
+            None => None,
+        };
+        (doomed.len(), removed)
     }
 }

@@ -22,7 +22,7 @@ use super::inputs::Inputs;
 use crate::cache::entry::now_ms;
 use crate::cache::{key, Cache, Entry, Failed, Freshness, Layer};
 use crate::metrics::Metrics;
-use crate::policy::{Action, CachePolicy, Route};
+use crate::policy::{Action, CachePolicy, CacheScope, Route, Var};
 use crate::proxy::{Active, Claims, RequestCtx};
 use crate::upstream::Caller;
 
@@ -102,12 +102,23 @@ impl Work {
             .as_deref()
             .and_then(|c| super::claim_value(c, "sub"))
             .or_else(|| self.api_client.as_deref().map(Cow::Borrowed));
+        // In a per-user key the identity comes first; `{jwt.sub}` and `{auth.client}` are it.
+        let is_identity = |v: &&Var| {
+            policy.scope == CacheScope::User
+                && match v {
+                    Var::AuthClient => true,
+                    Var::Jwt(claim) => claim == "sub",
+                    _ => false,
+                }
+        };
         let vars = key::inputs_of(&self.route);
         key::key(
             &self.route.key_prefix(&self.active.client),
             policy.scope,
             identity.as_deref(),
-            vars.iter().map(|v| inputs.value(v, |_| None)),
+            vars.iter()
+                .filter(|v| !is_identity(v))
+                .map(|v| inputs.value(v, |_| None)),
         )
     }
 

@@ -390,3 +390,37 @@ async fn a_renamed_field_changes_the_key_and_the_old_shape_is_never_served() {
     assert!(me.get("name").is_none(), "{me}");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_invalidates_one_key_or_a_whole_route() {
+    let (users, calls) = counting(Duration::ZERO);
+    let (bff, _file) = start(&policy(&users.url(), "{ scope: user, ttl: 60s }", "[n]")).await;
+    let delete = |path: &str| {
+        let url = bff.admin_url(path);
+        async move { http::send("DELETE", &url, &[], "").await }
+    };
+    for sub in ["ada", "bob"] {
+        assert_eq!(cache_word(&get(&bff, "/me", sub).await), "miss");
+    }
+    // One key: the inputs part of the key, here the user.
+    let one = delete("/cache/me?key=ada").await;
+    assert_eq!(one.status, 200, "{}", one.text());
+    assert_eq!(one.json()["l1Removed"], json!(1));
+    assert!(one.json()["key"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with(":ada"));
+    assert_eq!(cache_word(&get(&bff, "/me", "ada").await), "miss");
+    assert_eq!(cache_word(&get(&bff, "/me", "bob").await), "hit");
+    // The whole route.
+    let all = delete("/cache/me").await;
+    assert_eq!(all.json()["l1Removed"], json!(2));
+    assert_eq!(all.json()["l2Removed"], Value::Null, "no Redis here");
+    for sub in ["ada", "bob"] {
+        assert_eq!(cache_word(&get(&bff, "/me", sub).await), "miss");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+
+    assert_eq!(delete("/cache/nope").await.status, 404);
+    assert_eq!(http::get(&bff.admin_url("/cache/me")).await.status, 405);
+}
