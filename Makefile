@@ -27,7 +27,9 @@ build-deps:
 	  echo "installing build tools (cmake, cc)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) cmake build-essential; }
 
+# Debian's redis-server package pulls in redis-tools, which holds redis-cli (the cluster tests
+# use it to join their nodes).
 test-deps:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server for the cache tests"; \
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \
+	  echo "installing redis-server and redis-cli for the cache tests"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) redis-server; }

@@ -13,5 +13,6 @@ mod lifecycle;
 mod passthrough;
 mod proxy_route;
 mod rate_limit;
+mod redis_harness;
 mod support;
 mod tls;

@@ -13,6 +13,8 @@ pub mod policy;
 #[allow(dead_code)]
 pub mod raw;
 #[allow(dead_code)]
+pub mod redis;
+#[allow(dead_code)]
 pub mod tls;
 #[allow(dead_code)]
 pub mod tokens;
