@@ -27,9 +27,9 @@ build-deps:
 	  echo "installing build tools (cmake, cc)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) cmake build-essential; }
 
-# Debian's redis-server package pulls in redis-tools, which holds redis-cli (the cluster tests
-# use it to join their nodes).
+# Debian ships redis-cli in redis-tools (a dependency of redis-server; named anyway: the cluster tests
+# join their nodes with it).
 test-deps:
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \
 	  echo "installing redis-server and redis-cli for the cache tests"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) redis-server; }
+	  $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) redis-server redis-tools; }
