@@ -69,6 +69,18 @@ impl moka::Expiry<String, Kept> for KeepFor {
     ) -> Option<Duration> {
         Some(kept.keep)
     }
+
+    /// A refresh replaces an entry: it lives as long as the new one says (moka's default would
+    /// keep the old entry's expiry, and a refreshed key would vanish when the old one expires).
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        kept: &Kept,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(kept.keep)
+    }
 }
 
 /// Both layers and the recomputes under way. One per process: it outlives policy reloads, whose

@@ -424,3 +424,37 @@ async fn the_admin_port_invalidates_one_key_or_a_whole_route() {
     assert_eq!(delete("/cache/nope").await.status, 404);
     assert_eq!(http::get(&bff.admin_url("/cache/me")).await.status, 405);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_steady_load_refreshes_come_before_expiry_and_nobody_waits() {
+    // A 1 s TTL with no stale window, a recompute of ~50 ms, a request every ~10 ms: XFetch
+    // starts each refresh in the background before the entry expires, so after the first
+    // request nobody ever waits for a recompute.
+    let (users, calls) = counting(Duration::from_millis(50));
+    let cache = "{ scope: user, ttl: 1s, beta: 4.0 }";
+    let (bff, _file) = start(&policy(&users.url(), cache, "[n]")).await;
+    assert_eq!(cache_word(&get(&bff, "/me", "ada").await), "miss");
+    let until = Instant::now() + Duration::from_millis(3500);
+    let mut words = std::collections::BTreeMap::<String, usize>::new();
+    let mut seen = std::collections::BTreeSet::new();
+    while Instant::now() < until {
+        let reply = get(&bff, "/me", "ada").await;
+        *words.entry(cache_word(&reply)).or_default() += 1;
+        seen.insert(reply.json()["me"]["n"].as_u64().unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(words.get("miss"), None, "a request waited: {words:?}");
+    assert_eq!(words.get("stale"), None, "{words:?}");
+    let early = metric(
+        &bff,
+        "bff_cache_recomputes_total",
+        &[("client", "web"), ("route", "me"), ("trigger", "early")],
+    )
+    .await;
+    assert!(
+        early >= 3.0,
+        "{early} early recomputes in 3.5 s of a 1 s TTL: {words:?}"
+    );
+    assert!(seen.len() >= 3, "the answers were refreshed: {seen:?}");
+    assert_eq!(calls.load(Ordering::SeqCst) as f64, 1.0 + early);
+}
