@@ -14,6 +14,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use futures::future::{BoxFuture, Shared};
 use futures::FutureExt;
+use rand::Rng;
 
 use crate::pipeline::fanout::RouteFailure;
 pub use entry::{Entry, Freshness};
@@ -216,5 +217,38 @@ impl Cache {
             None => None,
         };
         (doomed.len(), removed)
+    }
+}
+
+/// `ttl` moved by up to ±`jitter`, so keys written together do not expire together.
+pub fn jittered(ttl: Duration, jitter: Duration) -> Duration {
+    if jitter.is_zero() {
+        return ttl;
+    }
+    let jitter = jitter.min(ttl / 2).as_millis() as i64;
+    let shift = rand::rng().random_range(-jitter..=jitter);
+    let ms = (ttl.as_millis() as i64).saturating_add(shift).max(1);
+    Duration::from_millis(ms as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_bounds_and_spreads() {
+        let ttl = Duration::from_secs(60);
+        let jitter = Duration::from_secs(15);
+        let draws: Vec<Duration> = (0..500).map(|_| jittered(ttl, jitter)).collect();
+        assert!(draws
+            .iter()
+            .all(|d| *d >= Duration::from_secs(45) && *d <= Duration::from_secs(75)));
+        let distinct: std::collections::HashSet<_> = draws.iter().collect();
+        assert!(distinct.len() > 100, "{}", distinct.len());
+        assert_eq!(jittered(ttl, Duration::ZERO), ttl);
+        // A jitter larger than the TTL never makes it zero or negative.
+        assert!((0..100).all(
+            |_| jittered(Duration::from_secs(2), Duration::from_secs(60)) >= Duration::from_secs(1)
+        ));
     }
 }

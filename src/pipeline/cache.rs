@@ -20,10 +20,10 @@ use super::assemble::Sections;
 use super::fanout::{self, RouteFailure};
 use super::inputs::Inputs;
 use crate::cache::entry::now_ms;
-use crate::cache::{key, Cache, Entry, Failed, Freshness, Layer};
+use crate::cache::{jittered, key, Cache, Entry, Failed, Freshness, Layer};
 use crate::metrics::Metrics;
 use crate::policy::{Action, CachePolicy, CacheScope, Route, Var};
-use crate::proxy::{Active, Claims, RequestCtx};
+use crate::proxy::{Active, Claims, RequestCtx, Shared};
 use crate::upstream::Caller;
 
 /// How long a recompute holds its key's lock when the route has no `deadline`.
@@ -43,10 +43,12 @@ pub struct Work {
     pub trace_id: String,
     pub traceparent: Option<HeaderValue>,
     pub metrics: Arc<Metrics>,
+    /// For fetches with a `cache` of their own.
+    pub cache: Arc<Cache>,
 }
 
 impl Work {
-    pub fn of(ctx: &RequestCtx, route: &Arc<Route>, query: &str, metrics: &Arc<Metrics>) -> Work {
+    pub fn of(ctx: &RequestCtx, route: &Arc<Route>, query: &str, shared: &Shared) -> Work {
         Work {
             active: ctx.policy.clone(),
             route: route.clone(),
@@ -56,7 +58,8 @@ impl Work {
             api_client: ctx.api_client.clone(),
             trace_id: ctx.trace_id.clone(),
             traceparent: ctx.traceparent.clone(),
-            metrics: metrics.clone(),
+            metrics: shared.metrics.clone(),
+            cache: shared.cache.clone(),
         }
     }
 
@@ -89,6 +92,7 @@ impl Work {
             },
             metrics: &self.metrics,
             client: &self.active.client,
+            cache: Some(&self.cache),
         };
         let sections = fanout::run(fetches, &self.active.upstreams, &request).await?;
         Ok((Sections::new(fetches, sections), started.elapsed()))
@@ -225,17 +229,6 @@ fn keep_from(entry: &Entry, now: u64, policy: &CachePolicy) -> Duration {
     Duration::from_millis(until.saturating_sub(now))
 }
 
-/// `ttl` moved by up to ±`jitter`, so keys written together do not expire together.
-fn jittered(ttl: Duration, jitter: Duration) -> Duration {
-    if jitter.is_zero() {
-        return ttl;
-    }
-    let jitter = jitter.min(ttl / 2).as_millis() as i64;
-    let shift = rand::rng().random_range(-jitter..=jitter);
-    let ms = (ttl.as_millis() as i64).saturating_add(shift).max(1);
-    Duration::from_millis(ms as u64)
-}
-
 /// Computes `key` once, stores it when it may be stored, and releases the lock.
 async fn recompute(
     cache: Arc<Cache>,
@@ -315,26 +308,4 @@ async fn recompute(
         l2.unlock(&key, &token).await;
     }
     outcome
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jitter_stays_within_bounds_and_spreads() {
-        let ttl = Duration::from_secs(60);
-        let jitter = Duration::from_secs(15);
-        let draws: Vec<Duration> = (0..500).map(|_| jittered(ttl, jitter)).collect();
-        assert!(draws
-            .iter()
-            .all(|d| *d >= Duration::from_secs(45) && *d <= Duration::from_secs(75)));
-        let distinct: std::collections::HashSet<_> = draws.iter().collect();
-        assert!(distinct.len() > 100, "{}", distinct.len());
-        assert_eq!(jittered(ttl, Duration::ZERO), ttl);
-        // A jitter larger than the TTL never makes it zero or negative.
-        assert!((0..100).all(
-            |_| jittered(Duration::from_secs(2), Duration::from_secs(60)) >= Duration::from_secs(1)
-        ));
-    }
 }

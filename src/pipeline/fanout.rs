@@ -3,16 +3,22 @@
 //! A failed critical fetch ends the route at once, cancelling the calls still running; a
 //! failed optional fetch (and every fetch depending on it) is left to its fallback.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::{HeaderMap, Method};
 use serde_json::Value;
 use tracing::warn;
 
+use super::assemble::Sections;
 use super::inputs::Inputs;
+use crate::cache::entry::now_ms;
+use crate::cache::{jittered, key, Cache, Entry, Layer};
 use crate::metrics::{Metrics, Outcome};
-use crate::policy::{Fetch, Route};
+use crate::policy::{CacheScope, Fetch, Route, Var};
 use crate::projection;
 use crate::upstream::{Call, CallError, Caller, Failure, Upstreams};
 
@@ -40,6 +46,8 @@ pub struct Request<'a> {
     pub caller: Caller<'a>,
     pub metrics: &'a Metrics,
     pub client: &'a str,
+    /// Where fetches with a `cache` of their own keep their answers.
+    pub cache: Option<&'a Arc<Cache>>,
 }
 
 /// A finished fetch: its section, and the selected answer its children read `{fetch.*}` from.
@@ -133,6 +141,11 @@ fn start<'a>(
         .map_err(|e| fail(e.to_string()))?;
     let client = upstreams.client(&fetch.upstream)?;
     let keeps_doc = fetches.iter().any(|f| f.parents.contains(&index));
+    let cached = fetch
+        .cache
+        .as_ref()
+        .zip(request.cache)
+        .map(|(policy, cache)| (cache, fetch_key(fetch, request), policy));
     let call = Call {
         method: Method::GET,
         path,
@@ -140,17 +153,102 @@ fn start<'a>(
         body: bytes::Bytes::new(),
     };
     Ok(async move {
+        if let Some((cache, key, _)) = &cached {
+            if let Some(section) = cached_section(cache, key, fetch, request).await {
+                return (index, Ok((section, None)));
+            }
+        }
         let caller = Caller {
             dependency: &fetch.name,
             ..request.caller
         };
+        let started = Instant::now();
         let result = client
             .call(call, &caller, |answer| {
                 project(fetch, &answer.body, keeps_doc)
             })
             .await;
+        if let (Ok((section, _)), Some((cache, key, policy))) = (&result, &cached) {
+            let ttl = jittered(policy.ttl, policy.jitter);
+            let sections = Sections {
+                json: Bytes::from(section.clone()),
+                degraded: Vec::new(),
+            };
+            let route = request.route;
+            let entry = Entry::new(
+                route.version,
+                &route.shape,
+                sections,
+                now_ms(),
+                ttl,
+                started.elapsed(),
+            );
+            cache.put(key, Arc::new(entry), ttl).await;
+        }
         (index, result)
     })
+}
+
+/// A fetch's own cache key: the route's prefix, `~fetch.NAME:` (no route key has `~` there
+/// but a hashed one, which `~f` cannot be), then the fetch's inputs.
+fn fetch_key(fetch: &Fetch, request: &Request<'_>) -> String {
+    let prefix = format!(
+        "{}~fetch.{}:",
+        request.route.key_prefix(request.client),
+        fetch.name
+    );
+    let headers = fetch.upstream.headers.iter().map(|(_, t)| t);
+    let mut vars: Vec<&Var> = Vec::new();
+    for var in std::iter::once(&fetch.path)
+        .chain(headers)
+        .flat_map(|t| t.vars())
+    {
+        if !matches!(var, Var::Fetch { .. }) && !vars.contains(&var) {
+            vars.push(var);
+        }
+    }
+    key::key(
+        &prefix,
+        CacheScope::Shared,
+        None,
+        vars.into_iter().map(|v| request.inputs.value(v, |_| None)),
+    )
+}
+
+/// A fetch's answer from its own cache, while it is fresh; counted as a lookup of
+/// `route.fetch`.
+async fn cached_section(
+    cache: &Arc<Cache>,
+    key: &str,
+    fetch: &Fetch,
+    request: &Request<'_>,
+) -> Option<Vec<u8>> {
+    let now = now_ms();
+    let route = request.route;
+    let usable =
+        |e: &Entry| e.version == route.version && e.shape == route.shape && now < e.expires_ms;
+    let label = format!("{}.{}", route.name, fetch.name);
+    let count = |layer: Layer, result: &str| {
+        request
+            .metrics
+            .cache_lookups_total
+            .with_label_values(&[request.client, &label, layer.label(), result])
+            .inc();
+    };
+    if let Some(entry) = cache.l1_get(key).filter(|e| usable(e)) {
+        count(Layer::L1, "hit");
+        return Some(entry.sections.json.to_vec());
+    }
+    count(Layer::L1, "miss");
+    cache.l2()?;
+    let found = cache
+        .l2_get(key, |e| {
+            Duration::from_millis(e.expires_ms.saturating_sub(now))
+        })
+        .await
+        .filter(|e| usable(e));
+    count(Layer::L2, if found.is_some() { "hit" } else { "miss" });
+    found.map(|e| e.sections.json.to_vec())
 }
 
 /// `select`, then the whitelist. The selected document is kept only when children need it.

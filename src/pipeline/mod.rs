@@ -136,7 +136,7 @@ async fn serve_fetches(
         }
         Err(code) => return respond::error(session, ctx, &code.into(), &[]).await,
     }
-    let work = cache::Work::of(ctx, route, &query, &shared.metrics);
+    let work = cache::Work::of(ctx, route, &query, shared);
     let answer = match &route.cache {
         Some(policy) => cache::serve(&shared.cache, work, policy).await,
         None => work

@@ -18,8 +18,8 @@ use super::secrets;
 use super::template::{Template, Var};
 use super::{
     Action, ApiKeyAuth, Auth, BreakerPolicy, CachePolicy, Credential, CriticalFailure, Diagnostic,
-    Fetch, JwtAuth, KeySource, OAuth2Client, Policy, ProxyTarget, RateLimit, RetryPolicy, Route,
-    RouteAuth, SecretText, TlsPolicy, Upstream,
+    Fetch, FetchCache, JwtAuth, KeySource, OAuth2Client, Policy, ProxyTarget, RateLimit,
+    RetryPolicy, Route, RouteAuth, SecretText, TlsPolicy, Upstream,
 };
 use crate::pipeline::auth::ApiKeySet;
 use crate::pipeline::route::RouteTable;
@@ -955,6 +955,7 @@ fn compile_route(
             }
             let links = link_fetches(&name, &nodes, diags);
             personal = personal_fetches(&nodes, &links);
+            check_fetch_caches(&nodes, &links, &personal, diags);
             let mut fetches = Vec::new();
             for (f, link) in compiled.into_iter().zip(links) {
                 // A fetch that did not compile was reported; the route is refused anyway.
@@ -1168,8 +1169,20 @@ fn compile_fetch(
         ),
         _ => {}
     }
+    let cache_at = spec.cache.as_ref().map(|c| c.referenced);
+    let cache = spec.cache.map(|c| {
+        let c = c.value;
+        if c.ttl.value.0.is_zero() {
+            diags.at(&c.ttl.referenced, "cache `ttl` must be longer than zero");
+        }
+        FetchCache {
+            ttl: c.ttl.value.0,
+            jitter: c.jitter.map_or(Duration::ZERO, |j| j.0),
+        }
+    });
     let node = FetchNode {
         name: name.to_string(),
+        cache_at,
         path_at: spec.path.referenced,
         critical: spec.critical,
         path: path.clone(),
@@ -1187,6 +1200,7 @@ fn compile_fetch(
             // Filled in by `link_fetches`, once every fetch of the route is known.
             parents: Vec::new(),
             wave: 0,
+            cache,
         }),
         _ => None,
     };
@@ -1196,6 +1210,8 @@ fn compile_fetch(
 /// What the dependency checks need to know of one fetch, valid or not.
 struct FetchNode {
     name: String,
+    /// Where its own `cache` is, if it has one.
+    cache_at: Option<Location>,
     path_at: Location,
     critical: bool,
     path: Option<Template>,
@@ -1341,6 +1357,34 @@ fn link_fetches(route: &str, nodes: &[FetchNode], diags: &mut Diagnostics) -> Ve
         );
     }
     links
+}
+
+/// A fetch's own `cache` holds its projected answer for everyone: never a personal one, and
+/// never one whose answer another fetch reads (that needs the answer before projection).
+fn check_fetch_caches(
+    nodes: &[FetchNode],
+    links: &[Link],
+    personal: &[(String, String)],
+    diags: &mut Diagnostics,
+) {
+    for (index, node) in nodes.iter().enumerate() {
+        let Some(at) = &node.cache_at else { continue };
+        if let Some((_, reason)) = personal.iter().find(|(name, _)| *name == node.name) {
+            diags.at(
+                at,
+                format!("fetch `{}` {reason}: its own `cache` is shared by everyone, so it is only for data that is the same for every user", node.name),
+            );
+        }
+        if let Some(child) = links.iter().position(|l| l.parents.contains(&index)) {
+            diags.at(
+                at,
+                format!(
+                    "fetch `{}` cannot have its own `cache`: fetch `{}` uses its answer, which the cache does not keep (only the projected section)",
+                    node.name, nodes[child].name
+                ),
+            );
+        }
+    }
 }
 
 /// The fetches whose answer depends on who asks, each with the reason: a `{jwt.*}` in its path

@@ -261,6 +261,15 @@ pub struct Fetch {
     pub parents: Vec<usize>,
     /// 0 for fetches without parents; otherwise one more than the latest parent's wave.
     pub wave: usize,
+    /// Its projected answer cached on its own, for everyone (shared domain data).
+    pub cache: Option<FetchCache>,
+}
+
+/// A fetch's own cache: a plain TTL (with jitter), no early recompute.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FetchCache {
+    pub ttl: Duration,
+    pub jitter: Duration,
 }
 
 #[derive(Debug)]

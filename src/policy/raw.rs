@@ -208,6 +208,15 @@ pub struct RawFetch {
     pub select: Option<Spanned<String>>,
     pub fields: Option<Spanned<Vec<Spanned<String>>>>,
     pub fallback: Option<Spanned<serde_json::Value>>,
+    pub cache: Option<Spanned<RawFetchCache>>,
+}
+
+/// `cache: { ttl: 10m, jitter: 1m }` on a fetch: its projected answer, shared by every request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFetchCache {
+    pub ttl: Spanned<Humane>,
+    pub jitter: Option<Humane>,
 }
 
 #[derive(Debug, Deserialize)]

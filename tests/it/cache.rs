@@ -458,3 +458,50 @@ async fn under_steady_load_refreshes_come_before_expiry_and_nobody_waits() {
     assert!(seen.len() >= 3, "the answers were refreshed: {seen:?}");
     assert_eq!(calls.load(Ordering::SeqCst) as f64, 1.0 + early);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_with_its_own_cache_is_shared_by_every_request_of_the_route() {
+    let (users, user_calls) = counting(Duration::ZERO);
+    let (catalog, catalog_calls) = counting(Duration::ZERO);
+    let yaml = format!(
+        r#"client: web
+auth:
+  jwt: {{ issuer: "https://id.example.com/", audience: web-app, algorithms: [HS256], hs256_secret: "{SECRET}" }}
+upstreams:
+  users: {{ url: "{}", timeout: 2s }}
+  catalog: {{ url: "{}", timeout: 2s }}
+routes:
+  - name: product
+    method: GET
+    path: /products/{{id}}
+    fetch:
+      me: {{ upstream: users, path: "/users/{{jwt.sub}}", critical: true, fields: [n] }}
+      product:
+        upstream: catalog
+        path: "/products/{{path.id}}"
+        critical: true
+        fields: [n]
+        cache: {{ ttl: 10m, jitter: 1m }}
+"#,
+        users.url(),
+        catalog.url()
+    );
+    let (bff, _file) = start(&yaml).await;
+    for (sub, id, catalog_n) in [
+        ("ada", "p-1", 1),
+        ("bob", "p-1", 1),
+        ("ada", "p-2", 2),
+        ("bob", "p-2", 2),
+    ] {
+        let reply = get(&bff, &format!("/products/{id}"), sub).await;
+        assert_eq!(cache_word(&reply), "off", "the route itself is not cached");
+        assert_eq!(reply.json()["product"]["n"], json!(catalog_n), "{sub} {id}");
+    }
+    assert_eq!(catalog_calls.load(Ordering::SeqCst), 2, "once per product");
+    assert_eq!(
+        user_calls.load(Ordering::SeqCst),
+        4,
+        "the personal fetch every time"
+    );
+    assert_eq!(lookups(&bff, "product.product", "l1", "hit").await, 2.0);
+}

@@ -1413,3 +1413,23 @@ fn identity_variables_need_their_method_and_a_route_that_authenticates() {
         "calls upstream `users`, whose header `x-user`",
     );
 }
+
+#[test]
+fn a_fetch_cache_is_only_for_shared_data_no_other_fetch_reads() {
+    // `user` (lines 21-25) may cache its answer: its path uses only `{path.id}`.
+    assert_valid(&insert(BASE, 25, "        cache: { ttl: 10m, jitter: 1m }"));
+    // `orders` (lines 26-31) uses `{jwt.sub}`: personal.
+    let yaml = insert(BASE, 31, "        cache: { ttl: 10m }");
+    assert_rejected(
+        &yaml,
+        32,
+        Some(16),
+        "only for data that is the same for every user",
+    );
+    let yaml = insert(BASE, 25, "        cache: { ttl: 0s }");
+    assert_rejected(&yaml, 26, Some(23), "longer than zero");
+    // `orders` reads `user`'s answer, which a fetch cache does not keep.
+    let yaml = edit(BASE, 28, "{jwt.sub}", "{fetch.user.userId}");
+    let yaml = insert(&yaml, 25, "        cache: { ttl: 10m }");
+    assert_rejected(&yaml, 26, Some(16), "fetch `orders` uses its answer");
+}
