@@ -1,4 +1,5 @@
-//! The `bff` command line: `run` the sidecar, `check` policies, `demo` on built-in mocks.
+//! The `bff` command line: `run` the sidecar, `check` policies, `demo` on built-in mocks,
+//! `cache audit` the cache keys in Redis.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use bff::cache::audit;
 use bff::policy::Policy;
 use bff::server::{self, RunOptions};
 
@@ -27,6 +29,9 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Inspect the response cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Run the sidecar on built-in mock services and print curl commands to try it.
     Demo {
         #[arg(long, default_value = "policies/mobile.yaml")]
@@ -36,6 +41,34 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: String,
     },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Report each route's keys in Redis (live, orphaned, unversioned, foreign, locks, without
+    /// TTL, memory) against the policies; exit 0, 1 on a bad policy, 2 when Redis fails.
+    Audit(AuditArgs),
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// `redis://host:port[/db]` for one node, `redis+cluster://host:port[,host:port…]` for a
+    /// Redis Cluster (every master is walked).
+    #[arg(long, env = "BFF_REDIS_URL")]
+    redis: String,
+    /// Policy files: one per client, or several of one client (e.g. old and new during a
+    /// rolling deploy; the keys of each are live).
+    #[arg(long, required = true, num_args = 1..)]
+    policy: Vec<PathBuf>,
+    /// Print one JSON document instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// UNLINK orphans (older versions or shapes, routes not in the policies), 100 at a time.
+    #[arg(long)]
+    delete_orphans: bool,
+    /// Longest wait for any one Redis call.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(clap::Args)]
@@ -110,12 +143,74 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
+        Command::Cache(CacheCommand::Audit(args)) => cache_audit(args),
         Command::Demo {
             policy,
             listen,
             admin,
         } => bff::demo::run(&policy, &listen, &admin),
     }
+}
+
+/// Exit codes of `cache audit`: a bad policy is 1 (like `check`), a Redis problem 2.
+const EXIT_BAD_POLICY: u8 = 1;
+const EXIT_REDIS: u8 = 2;
+
+fn cache_audit(args: AuditArgs) -> ExitCode {
+    let mut policies = Vec::new();
+    let mut failed = false;
+    for file in &args.policy {
+        match Policy::load(file) {
+            Ok(policy) => policies.push(policy),
+            Err(e) => {
+                eprintln!("{e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        return ExitCode::from(EXIT_BAD_POLICY);
+    }
+    let target = match audit::RedisTarget::parse(&args.redis) {
+        Ok(target) => target,
+        Err(e) => {
+            eprintln!("bff cache audit: {e}");
+            return ExitCode::from(EXIT_REDIS);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("bff cache audit: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = audit::AuditOptions {
+        delete_orphans: args.delete_orphans,
+        timeout: args.timeout,
+    };
+    let report = match runtime.block_on(audit::audit(&target, &policies, &options)) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("bff cache audit: {e}");
+            return ExitCode::from(EXIT_REDIS);
+        }
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("bff cache audit: cannot write the report as JSON: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", report.render_text());
+    }
+    ExitCode::SUCCESS
 }
 
 /// Human-readable logs, or one JSON object per line with `BFF_LOG_FORMAT=json`; the level

@@ -2,6 +2,7 @@
 
 mod auth_methods;
 mod cache;
+mod cache_audit;
 mod cache_l2;
 mod check;
 mod claims;
