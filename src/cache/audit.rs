@@ -980,7 +980,7 @@ impl Deleter {
     }
 }
 
-/// One inspected key: its row, and whether it was already gone.
+/// One inspected key and the row it counts in.
 struct Seen {
     key: Vec<u8>,
     route: Vec<u8>,

@@ -717,3 +717,46 @@ async fn bad_policy_exits_1_with_its_diagnostics() {
         format!("{}:15:14: invalid u32", bad.path().display())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_are_bounded_and_overflow_rows_still_count_and_delete() {
+    let server = RedisServer::start();
+    let policy = write_policy(MOBILE);
+    let mut redis = server.client().await;
+    let mut pipe = redis::pipe();
+    // 105 routes nobody knows, and 55 old shapes of a known route.
+    for i in 0..105 {
+        pipe.cmd("SET")
+            .arg(format!("mobile:gone-{i:03}:v1:aaaaaaaa:x"))
+            .arg(entry(1, "aaaaaaaa"))
+            .ignore();
+    }
+    for i in 0..55 {
+        pipe.cmd("SET")
+            .arg(format!("mobile:homescreen:v2:{i:08x}:usr_1"))
+            .arg(entry(2, "old"))
+            .ignore();
+    }
+    let _: () = pipe.query_async(redis.conn()).await.unwrap();
+
+    let report = audit_json(&server.url(), &[policy.path()], &["--delete-orphans"]);
+    let routes = report["clients"][0]["routes"].as_array().unwrap();
+    let unknown: Vec<&Value> = routes.iter().filter(|r| r["inPolicy"] == false).collect();
+    assert_eq!(unknown.len(), 101, "100 named routes and one overflow row");
+    let overflow = unknown.last().unwrap();
+    assert_eq!(
+        (&overflow["route"], &overflow["overflow"]),
+        (&json!("*"), &json!(true))
+    );
+    assert_eq!(overflow["totals"]["keys"], 5);
+
+    let homescreen = route(&report, "mobile", "homescreen");
+    let orphans = homescreen["orphans"].as_array().unwrap();
+    assert_eq!(orphans.len(), 51);
+    assert_eq!(orphans[50]["prefix"], "*");
+    assert_eq!(orphans[50]["overflow"], true);
+    assert_eq!(orphans[50]["keys"], 5);
+    assert_eq!(report["clients"][0]["totals"]["orphans"], 160);
+    assert_eq!(report["deleted"]["keys"], 160);
+    assert!(redis.keys("mobile:*").await.is_empty());
+}
