@@ -2,16 +2,23 @@
 //! 3-master cluster) seeded in the cache contract's exact format with every kind of key: live,
 //! older version, older shape, unknown route, unversioned, TTL-less, locks, foreign values,
 //! binary keys, non-string types and another client's keys. The report must count each, and
-//! `--delete-orphans` must remove exactly the orphans, in `UNLINK`s of at most 100 keys.
+//! `--delete-orphans` must remove exactly the orphans, in `UNLINK`s of at most 100 keys. One
+//! test lets the real sidecar write the keys, so the audit and the cache agree on the format.
 
-use std::{collections::BTreeSet, path::Path, process::Command, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use serde_json::{json, Value};
 
 use crate::check::run;
 use crate::support::{
+    http,
     redis::{RedisClient, RedisCluster, RedisServer},
-    write_policy, TempPolicy,
+    tokens, write_policy, Bff, MockReply, MockServer, TempPolicy,
 };
 
 const TTL: Option<Duration> = Some(Duration::from_secs(600));
@@ -759,4 +766,114 @@ async fn rows_are_bounded_and_overflow_rows_still_count_and_delete() {
     assert_eq!(report["clients"][0]["totals"]["orphans"], 160);
     assert_eq!(report["deleted"]["keys"], 160);
     assert!(redis.keys("mobile:*").await.is_empty());
+}
+
+const SECRET: &str = "cache-audit-test-secret-of-at-least-32-bytes";
+
+fn sidecar_policy(upstream: &str, fields: &str) -> String {
+    format!(
+        r#"client: web
+auth:
+  jwt: {{ issuer: "https://id.example.com/", audience: web-app, algorithms: [HS256], hs256_secret: "{SECRET}" }}
+upstreams:
+  users: {{ url: "{upstream}", timeout: 2s }}
+routes:
+  - name: me
+    method: GET
+    path: /me
+    version: 3
+    cache: {{ scope: user, ttl: 60s, jitter: 5s }}
+    fetch:
+      me: {{ upstream: users, path: "/users/{{jwt.sub}}", critical: true, fields: {fields} }}
+"#
+    )
+}
+
+/// Asks `bff` for `/me` as each user, then waits until Redis holds an entry of `prefix` for
+/// each and no recompute lock (the write lands just after the answer, the unlock after it).
+async fn fill(bff: &Bff, redis: &mut RedisClient, users: &[&str], prefix: &str) {
+    for sub in users {
+        let claims = tokens::claims("web-app", 600, json!({ "sub": sub }));
+        let token = tokens::hs256(&claims, SECRET);
+        let reply = http::send(
+            "GET",
+            &bff.url("/me"),
+            &[("authorization", &format!("Bearer {token}"))],
+            "",
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys = redis.key_names(&format!("{prefix}*")).await;
+        let locks = keys.iter().filter(|k| k.ends_with(":lock")).count();
+        if locks == 0 && keys.len() >= users.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar never wrote {prefix}*"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_the_sidecar_writes_read_as_live_and_go_orphan_when_the_shape_changes() {
+    let server = RedisServer::start();
+    let users = MockServer::start(|req| {
+        let who = req.path().rsplit('/').next().unwrap_or("").to_string();
+        MockReply::json(200, json!({"name": who, "nick": who, "id": 1}))
+    });
+    let old = write_policy(&sidecar_policy(&users.url(), "[id, name]"));
+    let new = write_policy(&sidecar_policy(&users.url(), "[id, nick]"));
+    let (old_prefix, new_prefix) = (
+        bff::policy::Policy::load(old.path()).unwrap().routes[0].key_prefix("web"),
+        bff::policy::Policy::load(new.path()).unwrap().routes[0].key_prefix("web"),
+    );
+    assert_ne!(old_prefix, new_prefix);
+    let mut redis = server.client().await;
+
+    let old_bff = Bff::builder(old.path())
+        .arg("--redis")
+        .arg(server.url())
+        .start()
+        .await;
+    fill(
+        &old_bff,
+        &mut redis,
+        &["usr_1", "usr_2", "a:b"],
+        &old_prefix,
+    )
+    .await;
+    let report = audit_json(&server.url(), &[old.path()], &[]);
+    let me = route(&report, "web", "me");
+    assert_eq!(rows(me, "live"), json!({ row_prefix(&old_prefix): [3, 0] }));
+    let totals = &report["clients"][0]["totals"];
+    assert_eq!(
+        (&totals["keys"], &totals["foreign"], &totals["unversioned"]),
+        (&json!(3), &json!(0), &json!(0)),
+        "every key the sidecar writes is a live, well-formed entry: {report:#}"
+    );
+
+    // The field rename is deployed: the new sidecar writes new keys, the old ones are orphans.
+    let new_bff = Bff::builder(new.path())
+        .arg("--redis")
+        .arg(server.url())
+        .start()
+        .await;
+    fill(&new_bff, &mut redis, &["usr_1"], &new_prefix).await;
+    let report = audit_json(&server.url(), &[new.path()], &["--delete-orphans"]);
+    let me = route(&report, "web", "me");
+    assert_eq!(rows(me, "live"), json!({ row_prefix(&new_prefix): [1, 0] }));
+    assert_eq!(
+        rows(me, "orphans"),
+        json!({ row_prefix(&old_prefix): [3, 0] })
+    );
+    assert_eq!(report["deleted"]["keys"], 3);
+    assert_eq!(
+        redis.key_names("web:*").await,
+        [format!("{new_prefix}usr_1")]
+    );
 }
