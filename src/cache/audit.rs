@@ -15,7 +15,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
 use serde::Serialize;
 
-use crate::policy::Policy;
+use crate::policy::{Action, Policy};
 
 /// The first line of every value the sidecar stores.
 pub const MAGIC: &[u8] = b"BFFC1\n";
@@ -210,7 +210,7 @@ pub struct RouteReport {
     /// As in the keys (bytes outside printable ASCII written `\xNN`).
     pub route: String,
     pub in_policy: bool,
-    /// The route has a `cache` section in at least one of the policies.
+    /// The route, or one of its fetches, has a `cache` section in at least one of the policies.
     pub cached: bool,
     /// The row sums routes beyond the report's limit rather than naming one.
     pub overflow: bool,
@@ -369,7 +369,13 @@ fn plan(policies: &[Policy]) -> Vec<ClientPlan> {
             if !live.prefixes.contains(&prefix) {
                 live.prefixes.push(prefix);
             }
-            live.cached |= route.cache.is_some();
+            // A route without a cache of its own may still have fetches cached on their own,
+            // under its prefix (`…:~fetch.NAME:…`).
+            let fetch_cached = match &route.action {
+                Action::Fetch(fetches) => fetches.iter().any(|f| f.cache.is_some()),
+                Action::Proxy(_) => false,
+            };
+            live.cached |= route.cache.is_some() || fetch_cached;
         }
     }
     plans

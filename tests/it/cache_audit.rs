@@ -785,19 +785,32 @@ routes:
     cache: {{ scope: user, ttl: 60s, jitter: 5s }}
     fetch:
       me: {{ upstream: users, path: "/users/{{jwt.sub}}", critical: true, fields: {fields} }}
+  - name: plans
+    method: GET
+    path: /plans
+    fetch:
+      me: {{ upstream: users, path: "/users/{{jwt.sub}}", critical: true, fields: [id] }}
+      plans: {{ upstream: users, path: "/users/plans", critical: true, fields: [id], cache: {{ ttl: 60s }} }}
 "#
     )
 }
 
-/// Asks `bff` for `/me` as each user, then waits until Redis holds an entry of `prefix` for
-/// each and no recompute lock (the write lands just after the answer, the unlock after it).
-async fn fill(bff: &Bff, redis: &mut RedisClient, users: &[&str], prefix: &str) {
+/// Asks `bff` for `path` as each user, then waits until Redis holds `entries` entries of
+/// `prefix` and no recompute lock (the write lands just after the answer, the unlock after it).
+async fn fill(
+    bff: &Bff,
+    redis: &mut RedisClient,
+    path: &str,
+    users: &[&str],
+    prefix: &str,
+    entries: usize,
+) {
     for sub in users {
         let claims = tokens::claims("web-app", 600, json!({ "sub": sub }));
         let token = tokens::hs256(&claims, SECRET);
         let reply = http::send(
             "GET",
-            &bff.url("/me"),
+            &bff.url(path),
             &[("authorization", &format!("Bearer {token}"))],
             "",
         )
@@ -808,7 +821,7 @@ async fn fill(bff: &Bff, redis: &mut RedisClient, users: &[&str], prefix: &str) 
     loop {
         let keys = redis.key_names(&format!("{prefix}*")).await;
         let locks = keys.iter().filter(|k| k.ends_with(":lock")).count();
-        if locks == 0 && keys.len() >= users.len() {
+        if locks == 0 && keys.len() >= entries {
             break;
         }
         assert!(
@@ -840,20 +853,36 @@ async fn keys_the_sidecar_writes_read_as_live_and_go_orphan_when_the_shape_chang
         .arg(server.url())
         .start()
         .await;
+    let users = ["usr_1", "usr_2", "a:b"];
+    fill(&old_bff, &mut redis, "/me", &users, &old_prefix, 3).await;
+    // A route cached only per fetch: its one shared key lives under the route's prefix.
+    let plans_prefix = bff::policy::Policy::load(old.path()).unwrap().routes[1].key_prefix("web");
     fill(
         &old_bff,
         &mut redis,
-        &["usr_1", "usr_2", "a:b"],
-        &old_prefix,
+        "/plans",
+        &["usr_1", "usr_2"],
+        &plans_prefix,
+        1,
     )
     .await;
+    assert_eq!(
+        redis.key_names(&format!("{plans_prefix}*")).await,
+        [format!("{plans_prefix}~fetch.plans:")]
+    );
     let report = audit_json(&server.url(), &[old.path()], &[]);
     let me = route(&report, "web", "me");
     assert_eq!(rows(me, "live"), json!({ row_prefix(&old_prefix): [3, 0] }));
+    let plans = route(&report, "web", "plans");
+    assert_eq!(plans["cached"], true);
+    assert_eq!(
+        rows(plans, "live"),
+        json!({ row_prefix(&plans_prefix): [1, 0] })
+    );
     let totals = &report["clients"][0]["totals"];
     assert_eq!(
         (&totals["keys"], &totals["foreign"], &totals["unversioned"]),
-        (&json!(3), &json!(0), &json!(0)),
+        (&json!(4), &json!(0), &json!(0)),
         "every key the sidecar writes is a live, well-formed entry: {report:#}"
     );
 
@@ -863,7 +892,7 @@ async fn keys_the_sidecar_writes_read_as_live_and_go_orphan_when_the_shape_chang
         .arg(server.url())
         .start()
         .await;
-    fill(&new_bff, &mut redis, &["usr_1"], &new_prefix).await;
+    fill(&new_bff, &mut redis, "/me", &["usr_1"], &new_prefix, 1).await;
     let report = audit_json(&server.url(), &[new.path()], &["--delete-orphans"]);
     let me = route(&report, "web", "me");
     assert_eq!(rows(me, "live"), json!({ row_prefix(&new_prefix): [1, 0] }));
@@ -874,6 +903,9 @@ async fn keys_the_sidecar_writes_read_as_live_and_go_orphan_when_the_shape_chang
     assert_eq!(report["deleted"]["keys"], 3);
     assert_eq!(
         redis.key_names("web:*").await,
-        [format!("{new_prefix}usr_1")]
+        [
+            format!("{new_prefix}usr_1"),
+            format!("{plans_prefix}~fetch.plans:"),
+        ]
     );
 }
