@@ -106,7 +106,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let redis = match args.redis.as_deref().map(bff::cache::Target::parse) {
+            let redis = match args.redis.as_deref().map(bff::cache::RedisTarget::parse) {
                 None => None,
                 Some(Ok(target)) => Some(target),
                 Some(Err(e)) => {
@@ -171,7 +171,7 @@ fn cache_audit(args: AuditArgs) -> ExitCode {
     if failed {
         return ExitCode::from(EXIT_BAD_POLICY);
     }
-    let target = match audit::RedisTarget::parse(&args.redis) {
+    let target = match bff::cache::RedisTarget::parse(&args.redis) {
         Ok(target) => target,
         Err(e) => {
             eprintln!("bff cache audit: {e}");

@@ -15,7 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
 use crate::admin::Admin;
-use crate::cache::{Target, L2};
+use crate::cache::{RedisTarget, L2};
 use crate::metrics::ReloadResult;
 use crate::pipeline::auth::Verifier;
 use crate::policy::Policy;
@@ -37,7 +37,7 @@ pub struct RunOptions {
     /// Longest time SIGTERM waits for in-flight requests before the process exits.
     pub grace_period: Duration,
     /// The cache's L2, when there is one.
-    pub redis: Option<Target>,
+    pub redis: Option<RedisTarget>,
 }
 
 /// Runs the sidecar until SIGTERM (drain, then exit) or SIGINT (exit at once).
@@ -111,7 +111,7 @@ struct PolicyWatch {
     path: PathBuf,
     /// The data-plane address: the sidecar is not ready before it accepts connections there.
     listen: String,
-    redis: Option<Target>,
+    redis: Option<RedisTarget>,
 }
 
 impl PolicyWatch {

@@ -20,7 +20,7 @@ use rand::Rng;
 
 use crate::pipeline::fanout::RouteFailure;
 pub use entry::{Entry, Freshness};
-pub use l2::{Target, L2};
+pub use l2::{BadRedisUrl, RedisTarget, L2};
 
 /// The default bound of L1.
 pub const L1_BYTES: u64 = 64 << 20;
