@@ -110,7 +110,7 @@ fn main() -> ExitCode {
                 None => None,
                 Some(Ok(target)) => Some(target),
                 Some(Err(e)) => {
-                    eprintln!("bff: --redis: {e}");
+                    eprintln!("bff: {e}");
                     return ExitCode::FAILURE;
                 }
             };

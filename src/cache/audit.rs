@@ -816,15 +816,64 @@ fn crc16_xmodem(data: &[u8]) -> u16 {
 
 /// `SCAN` glob for `{client}:*`, with glob characters in the name escaped.
 fn scan_pattern(client: &str) -> String {
-    let mut pattern = String::new();
-    for c in client.chars() {
+    format!("{}:*", escape_glob(client))
+}
+
+/// `text` with the characters `SCAN MATCH` reads as a pattern (`*?[]\`) escaped.
+fn escape_glob(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            pattern.push('\\');
+            out.push('\\');
         }
-        pattern.push(c);
+        out.push(c);
     }
-    pattern.push_str(":*");
-    pattern
+    out
+}
+
+/// Removes every key starting with `prefix`, on every node (every master of a cluster),
+/// walking them with `SCAN` and removing them with `UNLINK` in batches: what the admin port's
+/// `DELETE /cache/{route}` does to L2. Returns how many keys were removed.
+pub async fn unlink_prefix(
+    target: &RedisTarget,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<u64, AuditError> {
+    let (cluster, nodes) = discover(target, timeout).await?;
+    let pattern = format!("{}*", escape_glob(prefix));
+    let mut deleter = Deleter {
+        enabled: true,
+        cluster,
+        pending: Vec::new(),
+        done: Deleted::default(),
+    };
+    for mut node in nodes {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = call(
+                &node.addr,
+                "SCAN",
+                timeout,
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut node.conn),
+            )
+            .await?;
+            for key in keys {
+                deleter.push(&mut node, key, timeout).await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        deleter.flush(&mut node, timeout).await?;
+    }
+    Ok(deleter.done.keys)
 }
 
 /// Orphans waiting for `UNLINK`, flushed every `DELETE_BATCH` keys.

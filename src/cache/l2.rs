@@ -15,6 +15,8 @@ use crate::metrics::Metrics;
 
 /// Longest wait for one Redis call: a cache that waits longer than an upstream call is no cache.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(50);
+/// Bounds each Redis call of an operator's invalidation.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a cluster connection that could not be made is tried again.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
@@ -165,6 +167,7 @@ impl ConnectionLike for Conn {
 
 /// The Redis layer: a connection that reconnects by itself, and counted, timed calls.
 pub struct L2 {
+    target: RedisTarget,
     conn: Arc<ArcSwapOption<Conn>>,
     client: String,
     metrics: Arc<Metrics>,
@@ -216,6 +219,7 @@ impl L2 {
             }
         }
         Ok(L2 {
+            target: target.clone(),
             conn,
             client: client.to_string(),
             metrics: metrics.clone(),
@@ -312,45 +316,21 @@ impl L2 {
             .await;
     }
 
-    /// Removes `keys` (`UNLINK`, so Redis frees them off its main thread).
-    pub async fn unlink(&self, keys: &[String]) -> Option<i64> {
-        if keys.is_empty() {
-            return Some(0);
-        }
-        // In a cluster, keys of different slots cannot go in one command.
-        let mut removed = 0;
-        for key in keys {
-            removed += self
-                .call::<i64>("unlink", redis::cmd("UNLINK").arg(key))
-                .await?;
-        }
-        Some(removed)
+    /// Removes one key.
+    pub async fn unlink(&self, key: &str) -> Option<i64> {
+        self.call("unlink", redis::cmd("UNLINK").arg(key)).await
     }
 
-    /// The keys starting with `prefix`, walked with `SCAN` (never `KEYS`), on a single node.
-    /// In a cluster, keys live on several nodes: `bff cache audit` walks them all; here the
-    /// sidecar only removes what it can find through the connection's node.
-    pub async fn scan(&self, prefix: &str) -> Option<Vec<String>> {
-        let pattern = format!("{}*", escape_glob(prefix));
-        let mut cursor: u64 = 0;
-        let mut keys = Vec::new();
-        loop {
-            let (next, batch): (u64, Vec<String>) = self
-                .call(
-                    "scan",
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .await?;
-            keys.extend(batch.into_iter().filter(|k| !k.ends_with(LOCK_SUFFIX)));
-            if next == 0 {
-                return Some(keys);
+    /// Removes every key starting with `prefix` on every node (every master of a cluster),
+    /// with `SCAN` and batched `UNLINK`: an operator's call, so it may take longer than a
+    /// request's Redis call. `None` when Redis failed (logged).
+    pub async fn unlink_prefix(&self, prefix: &str) -> Option<u64> {
+        match super::audit::unlink_prefix(&self.target, prefix, ADMIN_TIMEOUT).await {
+            Ok(removed) => Some(removed),
+            Err(e) => {
+                tracing::warn!(error = %e, %prefix, "cache invalidation in Redis failed");
+                None
             }
-            cursor = next;
         }
     }
 }
@@ -359,18 +339,6 @@ const LOCK_SUFFIX: &str = ":lock";
 
 fn lock_key(key: &str) -> String {
     format!("{key}{LOCK_SUFFIX}")
-}
-
-/// `SCAN MATCH` treats `*?[]\` as pattern characters.
-fn escape_glob(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 #[cfg(test)]
@@ -408,10 +376,5 @@ mod tests {
             assert!(err.starts_with("bad --redis URL"), "{bad}: {err}");
             assert!(!err.contains(":b@"), "{err}");
         }
-    }
-
-    #[test]
-    fn glob_characters_are_escaped() {
-        assert_eq!(escape_glob("a:b*c?[d]\\"), "a:b\\*c\\?\\[d\\]\\\\");
     }
 }

@@ -209,14 +209,12 @@ impl Cache {
         let Some(l2) = self.l2() else {
             return (doomed.len(), None);
         };
-        let keys = if prefix {
-            l2.scan(key).await
+        let removed = if prefix {
+            l2.unlink_prefix(key)
+                .await
+                .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
         } else {
-            Some(vec![key.to_string()])
-        };
-        let removed = match keys {
-            Some(keys) => l2.unlink(&keys).await,
-            None => None,
+            l2.unlink(key).await
         };
         (doomed.len(), removed)
     }

@@ -371,4 +371,17 @@ async fn a_redis_cluster_holds_the_entries_across_its_slots() {
     }
     assert_eq!(l2_lookups(&b, "hit").await, hits_before + subs.len() as f64);
     assert_eq!(calls.load(Ordering::SeqCst), calls_before_b);
+
+    // The admin port drops the route's keys from every master.
+    let stored = client.key_names("web:me:*").await.len();
+    let dropped = http::send("DELETE", &a.admin_url("/cache/me"), &[], "").await;
+    assert_eq!(dropped.status, 200, "{}", dropped.text());
+    assert_eq!(dropped.json()["l2Removed"], json!(stored));
+    assert!(client.key_names("web:me:*").await.is_empty());
+    assert_eq!(
+        cache_word(&get(&b, &subs[0]).await),
+        "hit",
+        "b's own memory is b's"
+    );
+    assert_eq!(cache_word(&get(&a, &subs[1]).await), "miss");
 }
