@@ -15,7 +15,7 @@ use crate::support::{http, tokens, write_policy, Bff, MockReply, MockServer, Tem
 const SECRET: &str = "cache-test-secret-of-at-least-32-bytes!";
 
 /// An upstream whose answers carry how many calls it has had: `{"n": 1, "name": …}`.
-fn counting(delay: Duration) -> (MockServer, Arc<AtomicUsize>) {
+pub(crate) fn counting(delay: Duration) -> (MockServer, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = calls.clone();
     let server = MockServer::start(move |req| {
@@ -83,7 +83,8 @@ async fn get(bff: &Bff, path: &str, sub: &str) -> http::Reply {
     .await
 }
 
-fn cache_word(reply: &http::Reply) -> String {
+/// `meta.cache` of a 200 answer.
+pub(crate) fn cache_word(reply: &http::Reply) -> String {
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply.json()["meta"]["cache"]
         .as_str()

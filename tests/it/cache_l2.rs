@@ -3,28 +3,18 @@
 //! recompute for a cold key across instances, a lock holder that dies, foreign bytes under a
 //! key, Redis killed mid-load and back, and a 3-master Redis Cluster.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::cache::{cache_word, counting};
 use crate::support::metrics::metric;
 use crate::support::redis::{RedisCluster, RedisServer};
-use crate::support::{http, tokens, write_policy, Bff, MockReply, MockServer, TempPolicy};
+use crate::support::{http, tokens, write_policy, Bff, TempPolicy};
 
 const SECRET: &str = "cache-l2-test-secret-of-at-least-32-bytes";
-
-fn counting(delay: Duration) -> (MockServer, Arc<AtomicUsize>) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let seen = calls.clone();
-    let server = MockServer::start(move |req| {
-        let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
-        let who = req.path().rsplit('/').next().unwrap_or("").to_string();
-        MockReply::json(200, json!({"n": n, "name": format!("user {who}")})).delay(delay)
-    });
-    (server, calls)
-}
 
 fn policy(upstream: &str, fields: &str, deadline: &str) -> String {
     format!(
@@ -68,14 +58,6 @@ async fn get(bff: &Bff, sub: &str) -> http::Reply {
         "",
     )
     .await
-}
-
-fn cache_word(reply: &http::Reply) -> String {
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    reply.json()["meta"]["cache"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 async fn shape(bff: &Bff) -> String {
