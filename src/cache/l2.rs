@@ -2,6 +2,7 @@
 //! tight timeout, and a failure is counted and reads as a miss: when Redis is slow or down the
 //! sidecar serves from L1 and upstreams, and the connection comes back by itself.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,8 @@ use crate::metrics::Metrics;
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(50);
 /// Bounds each Redis call of an operator's invalidation.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long calls are skipped after Redis was unreachable (or too slow).
+const PAUSE_AFTER_FAILURE: Duration = Duration::from_millis(500);
 /// How often a cluster connection that could not be made is tried again.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
@@ -168,6 +171,9 @@ impl ConnectionLike for Conn {
 /// The Redis layer: a connection that reconnects by itself, and counted, timed calls.
 pub struct L2 {
     target: RedisTarget,
+    /// Until when (ms since `epoch`) calls are skipped after Redis was unreachable.
+    paused_until: AtomicU64,
+    epoch: Instant,
     conn: Arc<ArcSwapOption<Conn>>,
     client: String,
     metrics: Arc<Metrics>,
@@ -220,6 +226,8 @@ impl L2 {
         }
         Ok(L2 {
             target: target.clone(),
+            paused_until: AtomicU64::new(0),
+            epoch: Instant::now(),
             conn,
             client: client.to_string(),
             metrics: metrics.clone(),
@@ -228,40 +236,49 @@ impl L2 {
 
     /// Runs one command within [`CALL_TIMEOUT`]; counts and times it under `op`.
     async fn call<T: FromRedisValue>(&self, op: &str, cmd: &Cmd) -> Option<T> {
-        let started = Instant::now();
         let labels = [self.client.as_str(), op];
-        let Some(conn) = self.conn.load_full() else {
+        let count_error = || {
             self.metrics
                 .cache_l2_errors_total
                 .with_label_values(&labels)
                 .inc();
+        };
+        // Redis was unreachable a moment ago: go on without it rather than pay a timeout on
+        // every call; the first call after the pause finds out whether it is back.
+        if self.paused_until.load(Ordering::Relaxed) > elapsed_ms(self.epoch) {
+            return None;
+        }
+        let Some(conn) = self.conn.load_full() else {
+            count_error();
             return None;
         };
+        let started = Instant::now();
         let mut conn = (*conn).clone();
         let result = tokio::time::timeout(CALL_TIMEOUT, cmd.query_async::<T>(&mut conn)).await;
         self.metrics
             .cache_l2_duration_seconds
             .with_label_values(&labels)
             .observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(Ok(value)) => Some(value),
+        let unreachable = match result {
+            Ok(Ok(value)) => return Some(value),
             Ok(Err(e)) => {
                 tracing::debug!(op, error = %e, "Redis call failed");
-                self.metrics
-                    .cache_l2_errors_total
-                    .with_label_values(&labels)
-                    .inc();
-                None
+                e.is_io_error()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
             }
             Err(_) => {
                 tracing::debug!(op, "Redis call timed out");
-                self.metrics
-                    .cache_l2_errors_total
-                    .with_label_values(&labels)
-                    .inc();
-                None
+                true
             }
+        };
+        count_error();
+        if unreachable {
+            let until = elapsed_ms(self.epoch) + PAUSE_AFTER_FAILURE.as_millis() as u64;
+            self.paused_until.store(until, Ordering::Relaxed);
         }
+        None
     }
 
     /// The value under `key`; `None` when absent or Redis failed.
@@ -336,6 +353,10 @@ impl L2 {
 }
 
 const LOCK_SUFFIX: &str = ":lock";
+
+fn elapsed_ms(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
 
 fn lock_key(key: &str) -> String {
     format!("{key}{LOCK_SUFFIX}")
