@@ -182,7 +182,7 @@ pub async fn serve(
         let matches = entry.version == work.route.version && entry.shape == work.route.shape;
         let draw = rand::rng().random::<f64>();
         let freshness = if matches {
-            entry.freshness(now, policy.beta, policy.stale_while_revalidate, draw)
+            entry.freshness(now, policy.beta, stale_window(&entry, policy), draw)
         } else {
             Freshness::Expired
         };
@@ -225,8 +225,18 @@ pub async fn serve(
 fn keep_from(entry: &Entry, now: u64, policy: &CachePolicy) -> Duration {
     let until = entry
         .expires_ms
-        .saturating_add(policy.stale_while_revalidate.as_millis() as u64);
+        .saturating_add(stale_window(entry, policy).as_millis() as u64);
     Duration::from_millis(until.saturating_sub(now))
+}
+
+/// `stale_while_revalidate`, for whole entries: a degraded one (kept `degraded_ttl`) is never
+/// served past its life.
+fn stale_window(entry: &Entry, policy: &CachePolicy) -> Duration {
+    if entry.sections.is_degraded() {
+        Duration::ZERO
+    } else {
+        policy.stale_while_revalidate
+    }
 }
 
 /// Computes `key` once, stores it when it may be stored, and releases the lock.
