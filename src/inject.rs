@@ -483,8 +483,13 @@ struct InjectedWorkload {
 /// Parses one or many YAML documents, injects every workload and fixes the Services that
 /// select them. Comments and YAML formatting are not kept (the output is re-serialised).
 pub fn inject_yaml(input: &str, options: &InjectOptions) -> Result<Output, InjectError> {
+    // Kubernetes reads manifests as YAML 1.1, where `defaultMode: 0644` is octal (420); the
+    // YAML 1.2 default would turn it into decimal 644, an invalid file mode.
+    let mut parse_options = serde_saphyr::Options::default();
+    parse_options.legacy_octal_numbers = true;
     let mut documents: Vec<Value> =
-        serde_saphyr::from_str_multiple(input).map_err(|e| yaml_error(input, &e))?;
+        serde_saphyr::from_str_multiple_with_options(input, parse_options)
+            .map_err(|e| yaml_error(input, &e))?;
     let notes = inject_documents(&mut documents, options)?;
     let yaml = serde_saphyr::to_string_multiple(&documents)
         .map_err(|e| InjectError::Serialize(e.to_string()))?;
