@@ -124,7 +124,9 @@ fn is_dns_subdomain(name: &str) -> bool {
     let bytes = name.as_bytes();
     !name.is_empty()
         && name.len() <= 253
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || *b == b'.')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || *b == b'.')
         && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
         && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
 }
@@ -172,7 +174,10 @@ fn pod_error(path: impl Into<String>, message: impl Into<String>) -> PodError {
 /// that themselves (see [`is_opted_out`]).
 pub fn inject_pod(pod: &Value, options: &InjectOptions) -> Result<Injection, PodError> {
     let Some(pod_map) = pod.as_object() else {
-        return Err(pod_error("(pod)", format!("expected a mapping, found {}", type_name(pod))));
+        return Err(pod_error(
+            "(pod)",
+            format!("expected a mapping, found {}", type_name(pod)),
+        ));
     };
     if is_opted_out(pod) {
         return Ok(Injection::OptedOut);
@@ -183,7 +188,10 @@ pub fn inject_pod(pod: &Value, options: &InjectOptions) -> Result<Injection, Pod
     let spec = match pod_map.get("spec") {
         Some(Value::Object(spec)) => spec,
         Some(other) => {
-            return Err(pod_error("spec", format!("expected a mapping, found {}", type_name(other))))
+            return Err(pod_error(
+                "spec",
+                format!("expected a mapping, found {}", type_name(other)),
+            ))
         }
         None => return Err(pod_error("spec", "missing")),
     };
@@ -192,7 +200,10 @@ pub fn inject_pod(pod: &Value, options: &InjectOptions) -> Result<Injection, Pod
     if containers.is_empty() {
         return Err(pod_error("spec.containers", "the pod has no containers"));
     }
-    for (field, list) in [("containers", &containers), ("initContainers", &init_containers)] {
+    for (field, list) in [
+        ("containers", &containers),
+        ("initContainers", &init_containers),
+    ] {
         for (i, container) in list.iter().enumerate() {
             if !container.is_object() {
                 return Err(pod_error(
@@ -260,7 +271,9 @@ pub fn inject_pod(pod: &Value, options: &InjectOptions) -> Result<Injection, Pod
         "name": POLICY_VOLUME,
         "configMap": { "name": options.policy_configmap },
     }));
-    let grace = spec.get("terminationGracePeriodSeconds").and_then(Value::as_u64);
+    let grace = spec
+        .get("terminationGracePeriodSeconds")
+        .and_then(Value::as_u64);
     if grace.is_none_or(|g| g < MIN_TERMINATION_GRACE_SECONDS) {
         spec.insert(
             "terminationGracePeriodSeconds".to_string(),
@@ -368,7 +381,10 @@ fn list_field<'a>(
     match spec.get(key) {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => Ok(items.iter().collect()),
-        Some(other) => Err(pod_error(path, format!("expected a list, found {}", type_name(other)))),
+        Some(other) => Err(pod_error(
+            path,
+            format!("expected a list, found {}", type_name(other)),
+        )),
     }
 }
 
@@ -426,7 +442,10 @@ pub enum InjectError {
         message: String,
     },
     /// A document is a scalar or a list instead of a Kubernetes object.
-    NotAMapping { document: usize, found: &'static str },
+    NotAMapping {
+        document: usize,
+        found: &'static str,
+    },
     /// A workload whose pod template cannot take the sidecar.
     Pod {
         document: usize,
@@ -444,7 +463,10 @@ impl std::fmt::Display for InjectError {
                 document,
                 line: Some(line),
                 message,
-            } => write!(f, "document {document}, line {line}: not valid YAML: {message}"),
+            } => write!(
+                f,
+                "document {document}, line {line}: not valid YAML: {message}"
+            ),
             Self::Yaml {
                 document, message, ..
             } => write!(f, "document {document}: not valid YAML: {message}"),
@@ -526,7 +548,11 @@ fn inject_object(
     notes: &mut Vec<String>,
     injected: &mut Vec<InjectedWorkload>,
 ) -> Result<(), InjectError> {
-    let kind = object.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let label = object_label(object);
     if kind.ends_with("List") {
         if let Some(items) = object.get_mut("items").and_then(Value::as_array_mut) {
@@ -541,7 +567,9 @@ fn inject_object(
         return Ok(());
     }
     if !is_pod && is_opted_out(object) {
-        notes.push(format!("{label}: skipped ({INJECT_ANNOTATION}: {INJECT_DISABLED})"));
+        notes.push(format!(
+            "{label}: skipped ({INJECT_ANNOTATION}: {INJECT_DISABLED})"
+        ));
         return Ok(());
     }
     let namespace = object
@@ -583,9 +611,9 @@ fn inject_object(
             });
         }
         Injection::AlreadyInjected => notes.push(format!("{label}: already injected")),
-        Injection::OptedOut => {
-            notes.push(format!("{label}: skipped ({INJECT_ANNOTATION}: {INJECT_DISABLED})"))
-        }
+        Injection::OptedOut => notes.push(format!(
+            "{label}: skipped ({INJECT_ANNOTATION}: {INJECT_DISABLED})"
+        )),
     }
     Ok(())
 }
@@ -615,7 +643,10 @@ fn retarget_services(
     injected: &[InjectedWorkload],
     notes: &mut Vec<String>,
 ) {
-    let kind = object.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     if kind.ends_with("List") {
         if let Some(items) = object.get_mut("items").and_then(Value::as_array_mut) {
             for item in items {
@@ -670,13 +701,19 @@ fn retarget_services(
 
 /// `deployment/web` (or `deployment/web in shop`) for notes and errors.
 fn object_label(object: &Value) -> String {
-    let kind = object.get("kind").and_then(Value::as_str).unwrap_or("object");
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("object");
     let metadata = object.get("metadata");
     let name = metadata
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)
         .unwrap_or("(unnamed)");
-    match metadata.and_then(|m| m.get("namespace")).and_then(Value::as_str) {
+    match metadata
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+    {
         Some(ns) => format!("{}/{name} in {ns}", kind.to_lowercase()),
         None => format!("{}/{name}", kind.to_lowercase()),
     }
@@ -703,5 +740,294 @@ fn yaml_error(input: &str, error: &serde_saphyr::Error) -> InjectError {
         document,
         line,
         message: error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod() -> Value {
+        json!({
+            "metadata": { "labels": { "app": "web" } },
+            "spec": {
+                "containers": [{
+                    "name": "app",
+                    "image": "example/web:1",
+                    "ports": [{ "name": "http", "containerPort": 3000 }],
+                }],
+            },
+        })
+    }
+
+    fn injected(pod: &Value, options: &InjectOptions) -> Value {
+        match inject_pod(pod, options) {
+            Ok(Injection::Injected(pod)) => pod,
+            other => panic!("expected an injection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn native_sidecar_goes_first_in_init_containers_with_restart_always() {
+        let mut pod = pod();
+        pod["spec"]["initContainers"] = json!([{ "name": "migrate", "image": "m" }]);
+        let out = injected(&pod, &InjectOptions::default());
+        let init = out["spec"]["initContainers"]
+            .as_array()
+            .expect("initContainers");
+        assert_eq!(init.len(), 2);
+        assert_eq!(init[0]["name"], "bff");
+        assert_eq!(init[0]["restartPolicy"], "Always");
+        assert_eq!(init[1]["name"], "migrate");
+        assert_eq!(out["spec"]["containers"].as_array().map(Vec::len), Some(1));
+        assert_eq!(
+            out["metadata"]["annotations"][INJECTED_ANNOTATION],
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(out["metadata"]["labels"]["app"], "web");
+    }
+
+    #[test]
+    fn classic_sidecar_is_the_first_container_without_restart_policy() {
+        let options = InjectOptions {
+            mode: SidecarMode::Classic,
+            ..InjectOptions::default()
+        };
+        let out = injected(&pod(), &options);
+        let containers = out["spec"]["containers"].as_array().expect("containers");
+        assert_eq!(containers[0]["name"], "bff");
+        assert_eq!(containers[1]["name"], "app");
+        assert!(containers[0].get("restartPolicy").is_none());
+        assert!(out["spec"].get("initContainers").is_none());
+    }
+
+    #[test]
+    fn sidecar_has_args_probes_mount_volume_and_hardening() {
+        let options = InjectOptions {
+            policy_configmap: "web-policy".into(),
+            policy_file: "web.yaml".into(),
+            listen_port: 8081,
+            admin_port: 9902,
+            redis_url: Some("redis://redis:6379".into()),
+            ..InjectOptions::default()
+        };
+        let out = injected(&pod(), &options);
+        let bff = &out["spec"]["initContainers"][0];
+        assert_eq!(
+            bff["args"],
+            json!([
+                "run",
+                "--policy",
+                "/etc/bff/web.yaml",
+                "--listen",
+                "0.0.0.0:8081",
+                "--admin",
+                "0.0.0.0:9902"
+            ])
+        );
+        assert_eq!(
+            bff["livenessProbe"]["httpGet"],
+            json!({ "path": "/healthz", "port": 9902 })
+        );
+        assert_eq!(
+            bff["readinessProbe"]["httpGet"],
+            json!({ "path": "/readyz", "port": 9902 })
+        );
+        assert_eq!(
+            bff["volumeMounts"],
+            json!([{ "name": "bff-policy", "mountPath": "/etc/bff", "readOnly": true }])
+        );
+        assert_eq!(
+            out["spec"]["volumes"],
+            json!([{ "name": "bff-policy", "configMap": { "name": "web-policy" } }])
+        );
+        assert_eq!(
+            bff["env"],
+            json!([{ "name": "BFF_REDIS_URL", "value": "redis://redis:6379" }])
+        );
+        let security = &bff["securityContext"];
+        assert_eq!(security["runAsNonRoot"], true);
+        assert_eq!(security["readOnlyRootFilesystem"], true);
+        assert_eq!(security["allowPrivilegeEscalation"], false);
+        assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(bff["lifecycle"]["preStop"]["sleep"]["seconds"], 5);
+        assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 30);
+    }
+
+    #[test]
+    fn grace_period_is_raised_never_lowered() {
+        let mut short = pod();
+        short["spec"]["terminationGracePeriodSeconds"] = json!(10);
+        assert_eq!(
+            injected(&short, &InjectOptions::default())["spec"]["terminationGracePeriodSeconds"],
+            30
+        );
+        let mut long = pod();
+        long["spec"]["terminationGracePeriodSeconds"] = json!(120);
+        assert_eq!(
+            injected(&long, &InjectOptions::default())["spec"]["terminationGracePeriodSeconds"],
+            120
+        );
+    }
+
+    #[test]
+    fn injected_or_hand_written_sidecar_is_left_alone() {
+        let once = injected(&pod(), &InjectOptions::default());
+        assert_eq!(
+            inject_pod(&once, &InjectOptions::default()),
+            Ok(Injection::AlreadyInjected)
+        );
+        let mut by_hand = pod();
+        by_hand["spec"]["containers"] = json!([{ "name": "app" }, { "name": "bff" }]);
+        assert_eq!(
+            inject_pod(&by_hand, &InjectOptions::default()),
+            Ok(Injection::AlreadyInjected)
+        );
+    }
+
+    #[test]
+    fn opted_out_pod_is_left_alone() {
+        let mut pod = pod();
+        pod["metadata"]["annotations"] = json!({ "bff.dev/inject": "disabled" });
+        assert_eq!(
+            inject_pod(&pod, &InjectOptions::default()),
+            Ok(Injection::OptedOut)
+        );
+    }
+
+    #[test]
+    fn malformed_pods_are_errors_with_the_field() {
+        let options = InjectOptions::default();
+        let cases = [
+            (json!("text"), "(pod)"),
+            (json!({ "metadata": {} }), "spec"),
+            (
+                json!({ "spec": { "containers": "app" } }),
+                "spec.containers",
+            ),
+            (json!({ "spec": { "containers": [] } }), "spec.containers"),
+            (
+                json!({ "spec": { "containers": [7] } }),
+                "spec.containers[0]",
+            ),
+            (
+                json!({ "spec": { "containers": [{ "name": "a" }], "volumes": {} } }),
+                "spec.volumes",
+            ),
+            (
+                json!({ "spec": { "containers": [{ "name": "a" }], "volumes": [{ "name": "bff-policy" }] } }),
+                "spec.volumes",
+            ),
+            (
+                json!({ "spec": { "containers": [{ "name": "a", "ports": [{ "containerPort": 8080 }] }] } }),
+                "spec.containers[0].ports",
+            ),
+            (
+                json!({ "metadata": [], "spec": { "containers": [{ "name": "a" }] } }),
+                "metadata",
+            ),
+        ];
+        for (pod, path) in cases {
+            match inject_pod(&pod, &options) {
+                Err(e) => assert_eq!(e.path, path, "{pod}: {e}"),
+                Ok(other) => panic!("{pod}: expected an error at {path}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn options_are_validated() {
+        assert_eq!(InjectOptions::default().validate(), Ok(()));
+        let bad = [
+            InjectOptions {
+                listen_port: 3000,
+                ..InjectOptions::default()
+            },
+            InjectOptions {
+                admin_port: 0,
+                ..InjectOptions::default()
+            },
+            InjectOptions {
+                policy_configmap: "Bad_Name".into(),
+                ..InjectOptions::default()
+            },
+            InjectOptions {
+                policy_file: "../x".into(),
+                ..InjectOptions::default()
+            },
+            InjectOptions {
+                image: " ".into(),
+                ..InjectOptions::default()
+            },
+        ];
+        for options in bad {
+            assert!(options.validate().is_err(), "{options:?}");
+        }
+    }
+
+    #[test]
+    fn services_selecting_an_injected_workload_move_from_the_app_port_only() {
+        let input = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: web }
+spec:
+  selector: { app: web }
+  ports:
+    - { name: by-name, port: 80, targetPort: http }
+    - { name: by-number, port: 81, targetPort: 3000 }
+    - { name: implicit, port: 3000 }
+    - { name: other, port: 9000, targetPort: 9000 }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: elsewhere, namespace: other }
+spec:
+  selector: { app: web }
+  ports: [{ port: 80, targetPort: 3000 }]
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: web, labels: { app: web, tier: front } }
+spec:
+  containers: [{ name: app, image: x, ports: [{ name: http, containerPort: 3000 }] }]
+"#;
+        let out = inject_yaml(input, &InjectOptions::default()).expect("injects");
+        let docs: Vec<Value> = serde_saphyr::from_str_multiple(&out.yaml).expect("parses back");
+        let targets: Vec<&Value> = docs[0]["spec"]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .map(|p| &p["targetPort"])
+            .collect();
+        assert_eq!(
+            targets,
+            [&json!(8080), &json!(8080), &json!(8080), &json!(9000)]
+        );
+        assert_eq!(
+            docs[1]["spec"]["ports"][0]["targetPort"], 3000,
+            "other namespace"
+        );
+        let again = inject_yaml(&out.yaml, &InjectOptions::default()).expect("injects");
+        assert_eq!(again.yaml, out.yaml);
+    }
+
+    #[test]
+    fn parse_errors_name_the_document_and_line() {
+        let input = "kind: ConfigMap\n---\n# second\nkind: Pod\nspec: [unclosed\n";
+        match inject_yaml(input, &InjectOptions::default()) {
+            Err(InjectError::Yaml { document, line, .. }) => {
+                assert_eq!(document, 2);
+                assert!(line.is_some_and(|l| l >= 5), "{line:?}");
+            }
+            other => panic!("expected a YAML error, got {other:?}"),
+        }
+        assert_eq!(
+            inject_yaml("kind: ConfigMap\n---\n- a\n", &InjectOptions::default()),
+            Err(InjectError::NotAMapping {
+                document: 2,
+                found: "a list"
+            })
+        );
     }
 }
