@@ -727,11 +727,14 @@ fn yaml_error(input: &str, error: &serde_saphyr::Error) -> InjectError {
     let mut seen_content = false;
     let before = line.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
     for text in input.lines().take(before.saturating_sub(1)) {
-        if text.starts_with("---") {
+        let marker = text
+            .strip_prefix("---")
+            .filter(|rest| rest.is_empty() || rest.starts_with([' ', '\t']));
+        if let Some(rest) = marker {
             if seen_content {
                 document += 1;
             }
-            seen_content = !text[3..].trim().is_empty();
+            seen_content = !rest.trim().is_empty();
         } else if !text.trim().is_empty() && !text.trim_start().starts_with('#') {
             seen_content = true;
         }
