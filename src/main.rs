@@ -1,5 +1,5 @@
 //! The `bff` command line: `run` the sidecar, `check` policies, `demo` on built-in mocks,
-//! `cache audit` the cache keys in Redis.
+//! `cache audit` the cache keys in Redis, `inject` the sidecar into Kubernetes manifests.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
@@ -41,6 +41,42 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: String,
     },
+    /// Add the bff sidecar to Kubernetes workloads in YAML (a file, or `-`/nothing for stdin)
+    /// and point the Services selecting them at it; prints the result on stdout. Comments in
+    /// the input are not kept.
+    Inject(InjectArgs),
+}
+
+#[derive(clap::Args)]
+struct InjectArgs {
+    /// Manifest file (one or many documents); `-` or nothing reads stdin.
+    file: Option<PathBuf>,
+    /// Sidecar image.
+    #[arg(long, default_value = bff::inject::DEFAULT_IMAGE)]
+    image: String,
+    /// ConfigMap holding the policy, mounted read-only at /etc/bff.
+    #[arg(long, default_value = "bff-policy")]
+    policy_configmap: String,
+    /// Key of the policy file in that ConfigMap.
+    #[arg(long, default_value = "policy.yaml")]
+    policy_file: String,
+    /// bff's data-plane port (Services are pointed at it).
+    #[arg(long, default_value_t = 8080)]
+    listen_port: u16,
+    /// bff's admin port (probes, metrics).
+    #[arg(long, default_value_t = 9901)]
+    admin_port: u16,
+    /// The app's port: Service ports targeting it (by number or port name) move to bff.
+    #[arg(long, default_value_t = 3000)]
+    app_port: u16,
+    /// A regular container (first in `containers`) instead of a native sidecar (an
+    /// `initContainers` entry with `restartPolicy: Always`, Kubernetes ≥ 1.29).
+    #[arg(long)]
+    classic: bool,
+    /// Redis of the shared L2 cache, passed to bff as BFF_REDIS_URL (written into the pod
+    /// spec as given).
+    #[arg(long)]
+    redis_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -149,7 +185,65 @@ fn main() -> ExitCode {
             listen,
             admin,
         } => bff::demo::run(&policy, &listen, &admin),
+        Command::Inject(args) => inject(args),
     }
+}
+
+fn inject(args: InjectArgs) -> ExitCode {
+    use std::io::{Read, Write};
+
+    let options = bff::inject::InjectOptions {
+        image: args.image,
+        policy_configmap: args.policy_configmap,
+        policy_file: args.policy_file,
+        listen_port: args.listen_port,
+        admin_port: args.admin_port,
+        app_port: args.app_port,
+        mode: if args.classic {
+            bff::inject::SidecarMode::Classic
+        } else {
+            bff::inject::SidecarMode::Native
+        },
+        redis_url: args.redis_url,
+    };
+    if let Err(e) = options.validate() {
+        eprintln!("bff inject: {e}");
+        return ExitCode::FAILURE;
+    }
+    let (source, read) = match args.file.filter(|f| f.as_os_str() != "-") {
+        Some(file) => (file.display().to_string(), std::fs::read_to_string(&file)),
+        None => {
+            let mut input = String::new();
+            let read = std::io::stdin().read_to_string(&mut input).map(|_| input);
+            ("stdin".to_string(), read)
+        }
+    };
+    let input = match read {
+        Ok(input) => input,
+        Err(e) => {
+            eprintln!("bff inject: cannot read {source}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let output = match bff::inject::inject_yaml(&input, &options) {
+        Ok(output) => output,
+        Err(e) => {
+            eprintln!("bff inject: {source}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for note in &output.notes {
+        eprintln!("{note}");
+    }
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(output.yaml.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        eprintln!("bff inject: cannot write the output: {e}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 /// Exit codes of `cache audit`: a bad policy is 1 (like `check`), a Redis problem 2.

@@ -10,6 +10,7 @@ mod credentials;
 mod fanout;
 mod harness_selftest;
 mod hostile;
+mod inject;
 mod jwt;
 mod lifecycle;
 mod passthrough;
