@@ -11,6 +11,7 @@ mod fanout;
 mod harness_selftest;
 mod hostile;
 mod jwt;
+mod k8s;
 mod lifecycle;
 mod passthrough;
 mod proxy_route;
