@@ -1,19 +1,29 @@
 # bff: `make demo` runs the sidecar on built-in mocks, `make test` runs every test.
 # Both install what a fresh Debian machine lacks (cmake for Pingora's zlib-ng, redis-server
-# for the cache tests) with apt-get.
+# for the cache tests, kubectl, promtool and kubernetes-validate for deploy/k8s) with apt-get
+# and pip, only when missing.
 
 CARGO ?= cargo
 APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test check lint bench build-deps test-deps
+# deploy/k8s/check.sh looks for kubernetes-validate here first (a venv: Debian's pip refuses
+# to install into the system or --user site)
+KV_VERSION = 1.31.0
+KV_VENV = $(HOME)/.cache/bff/kubernetes-validate-$(KV_VERSION)
+
+.PHONY: demo test check lint bench build-deps test-deps k8s-check
 
 demo: build-deps
 	$(CARGO) run --bin bff -- demo
 
 test: build-deps test-deps
+	deploy/k8s/check.sh
 	$(CARGO) build --all-targets
 	$(CARGO) test --all-targets --no-fail-fast
+
+k8s-check: test-deps
+	deploy/k8s/check.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -33,3 +43,19 @@ test-deps:
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \
 	  echo "installing redis-server and redis-cli for the cache tests"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) redis-server redis-tools; }
+	@command -v promtool >/dev/null || { \
+	  echo "installing promtool (Debian package prometheus) for deploy/k8s and the metrics test"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) prometheus; }
+	@command -v kubectl >/dev/null || { \
+	  echo "installing kubectl for deploy/k8s"; \
+	  $(SUDO) apt-get update -qq; \
+	  if apt-cache show kubectl >/dev/null 2>&1; then $(SUDO) $(APT_INSTALL) kubectl; else \
+	    echo "apt has no kubectl package (Debian's kubernetes-client is too old for kustomize v5):"; \
+	    echo "add the pkgs.k8s.io repository and apt-get install kubectl, see"; \
+	    echo "https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/#install-using-native-package-management"; \
+	    exit 1; fi; }
+	@[ "$$($(KV_VENV)/bin/kubernetes-validate --version 2>/dev/null)" = $(KV_VERSION) ] || { \
+	  echo "installing kubernetes-validate==$(KV_VERSION) into $(KV_VENV)"; \
+	  python3 -m venv $(KV_VENV) 2>/dev/null || { \
+	    $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) python3-venv && python3 -m venv $(KV_VENV); }; \
+	  $(KV_VENV)/bin/pip install -q kubernetes-validate==$(KV_VERSION); }

@@ -12,6 +12,7 @@ mod harness_selftest;
 mod hostile;
 mod inject;
 mod jwt;
+mod k8s;
 mod lifecycle;
 mod passthrough;
 mod proxy_route;
