@@ -32,3 +32,4 @@ pub mod metrics;
 pub mod admin;
 pub mod server;
 pub mod demo;
+pub mod webhook;

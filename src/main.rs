@@ -1,5 +1,5 @@
 //! The `bff` command line: `run` the sidecar, `check` policies, `demo` on built-in mocks,
-//! `cache audit` the cache keys in Redis.
+//! `cache audit` the cache keys in Redis, serve the sidecar-injecting admission `webhook`.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
@@ -41,6 +41,35 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: String,
     },
+    /// Serve the mutating admission webhook that injects the bff sidecar into pods (HTTPS:
+    /// POST /mutate, POST /mutate-annotated, GET /healthz).
+    Webhook(WebhookArgs),
+}
+
+#[derive(clap::Args)]
+struct WebhookArgs {
+    /// HTTPS listener.
+    #[arg(long, env = "BFF_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: String,
+    /// Serving certificate (PEM chain); re-read when it changes.
+    #[arg(long, env = "BFF_WEBHOOK_CERT")]
+    cert: PathBuf,
+    /// Private key of the serving certificate (PEM); re-read when it changes.
+    #[arg(long, env = "BFF_WEBHOOK_KEY")]
+    key: PathBuf,
+    /// Image of the injected bff sidecar.
+    #[arg(long, env = "BFF_INJECT_IMAGE", default_value = concat!("bff:", env!("CARGO_PKG_VERSION")))]
+    image: String,
+    /// ConfigMap holding the policy, mounted into the sidecar.
+    #[arg(long, env = "BFF_INJECT_POLICY_CONFIGMAP", default_value = "bff-policy")]
+    policy_configmap: String,
+    /// A pod that should be injected but cannot be: `ignore` admits it as it is (with a
+    /// warning), `fail` denies it.
+    #[arg(long, env = "BFF_WEBHOOK_FAILURE_POLICY", value_enum, default_value = "ignore")]
+    failure_policy: bff::webhook::FailurePolicy,
+    /// How often the certificate files are checked for a change.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    cert_reload_interval: Duration,
 }
 
 #[derive(Subcommand)]
@@ -149,6 +178,40 @@ fn main() -> ExitCode {
             listen,
             admin,
         } => bff::demo::run(&policy, &listen, &admin),
+        Command::Webhook(args) => webhook(args),
+    }
+}
+
+fn webhook(args: WebhookArgs) -> ExitCode {
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("bff webhook: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = bff::webhook::ServeOptions {
+        listen: args.listen,
+        cert: args.cert,
+        key: args.key,
+        failure_policy: args.failure_policy,
+        cert_reload_interval: args.cert_reload_interval,
+        webhook: bff::webhook::WebhookOptions {
+            image: args.image,
+            policy_configmap: args.policy_configmap,
+        },
+    };
+    match runtime.block_on(bff::webhook::serve(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bff webhook: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
