@@ -61,11 +61,20 @@ struct WebhookArgs {
     #[arg(long, env = "BFF_INJECT_IMAGE", default_value = concat!("bff:", env!("CARGO_PKG_VERSION")))]
     image: String,
     /// ConfigMap holding the policy, mounted into the sidecar.
-    #[arg(long, env = "BFF_INJECT_POLICY_CONFIGMAP", default_value = "bff-policy")]
+    #[arg(
+        long,
+        env = "BFF_INJECT_POLICY_CONFIGMAP",
+        default_value = "bff-policy"
+    )]
     policy_configmap: String,
     /// A pod that should be injected but cannot be: `ignore` admits it as it is (with a
     /// warning), `fail` denies it.
-    #[arg(long, env = "BFF_WEBHOOK_FAILURE_POLICY", value_enum, default_value = "ignore")]
+    #[arg(
+        long,
+        env = "BFF_WEBHOOK_FAILURE_POLICY",
+        value_enum,
+        default_value = "ignore"
+    )]
     failure_policy: bff::webhook::FailurePolicy,
     /// How often the certificate files are checked for a change.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]

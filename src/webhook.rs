@@ -195,8 +195,8 @@ pub fn review(
     failure_policy: FailurePolicy,
 ) -> Result<Value, BadRequest> {
     let bad = |message: String| BadRequest(StatusCode::BAD_REQUEST, message);
-    let review: Value = serde_json::from_slice(body)
-        .map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+    let review: Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
     if review.get("apiVersion").and_then(Value::as_str) != Some("admission.k8s.io/v1")
         || review.get("kind").and_then(Value::as_str) != Some("AdmissionReview")
     {
@@ -214,7 +214,10 @@ pub fn review(
         .filter(|uid| !uid.is_empty())
         .ok_or_else(|| bad("the AdmissionReview's request has no `uid`".into()))?;
 
-    let namespace = request.get("namespace").and_then(Value::as_str).unwrap_or("");
+    let namespace = request
+        .get("namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let name = pod_name(request);
     let response = match admit(request, scope, options) {
         Ok(Ok(patch)) => {
@@ -279,7 +282,11 @@ fn admit(
     let is_pod = kind("group") == Some("")
         && kind("version") == Some("v1")
         && kind("kind") == Some("Pod")
-        && request.get("subResource").and_then(Value::as_str).unwrap_or("").is_empty();
+        && request
+            .get("subResource")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .is_empty();
     if !is_pod || request.get("operation").and_then(Value::as_str) != Some("CREATE") {
         return Ok(Err(Skip::NotAPodCreate));
     }
@@ -329,14 +336,17 @@ impl ResolvesServerCert for RotatingCert {
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     let mut bytes = Vec::new();
     file.take(MAX_PEM_FILE + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     if bytes.len() as u64 > MAX_PEM_FILE {
-        return Err(format!("{}: larger than {MAX_PEM_FILE} bytes", path.display()));
+        return Err(format!(
+            "{}: larger than {MAX_PEM_FILE} bytes",
+            path.display()
+        ));
     }
     Ok(bytes)
 }
@@ -406,7 +416,9 @@ impl RotatingCert {
                 self.current.store(Arc::new(loaded));
                 info!(cert = %self.cert.display(), "loaded the renewed serving certificate");
             }
-            Err(e) => warn!(error = %e, "the changed serving certificate does not load; keeping the loaded one"),
+            Err(e) => {
+                warn!(error = %e, "the changed serving certificate does not load; keeping the loaded one")
+            }
         }
     }
 }
@@ -634,8 +646,14 @@ mod tests {
         assert_eq!(skip_reason(&enabled, Scope::Annotated), None);
         assert_eq!(skip_reason(&enabled, Scope::Namespace), None);
         assert_eq!(skip_reason(&plain, Scope::Namespace), None);
-        assert_eq!(skip_reason(&plain, Scope::Annotated), Some(Skip::NotOptedIn));
-        assert_eq!(skip_reason(&disabled, Scope::Namespace), Some(Skip::OptedOut));
+        assert_eq!(
+            skip_reason(&plain, Scope::Annotated),
+            Some(Skip::NotOptedIn)
+        );
+        assert_eq!(
+            skip_reason(&disabled, Scope::Namespace),
+            Some(Skip::OptedOut)
+        );
         assert_eq!(
             skip_reason(&injected, Scope::Namespace),
             Some(Skip::AlreadyInjected)
@@ -665,7 +683,10 @@ mod tests {
         let mut patched = before.clone();
         json_patch::patch(&mut patched, &json_patch::diff(&before, &after)).unwrap();
         assert_eq!(patched["spec"]["initContainers"][0]["name"], "bff");
-        assert_eq!(patched["metadata"]["annotations"]["bff.dev/injected"], "true");
+        assert_eq!(
+            patched["metadata"]["annotations"]["bff.dev/injected"],
+            "true"
+        );
     }
 
     #[test]
