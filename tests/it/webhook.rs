@@ -627,3 +627,74 @@ async fn a_rotated_certificate_is_served_on_new_connections() {
         webhook.logs()
     );
 }
+
+/// `deploy/k8s/injector/NAME`, parsed.
+fn manifest(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/k8s/injector")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[tokio::test]
+async fn the_manifests_send_pods_to_paths_the_webhook_serves_as_they_say() {
+    let config = manifest("mutatingwebhookconfiguration.yaml");
+    let webhooks = config["webhooks"].as_array().unwrap();
+    assert_eq!(webhooks.len(), 2);
+    let webhook = Webhook::start_with_fixtures(&[]).await;
+    let plain = pod(json!({}));
+    let annotated = pod(json!({"bff.dev/inject": "enabled"}));
+    for entry in webhooks {
+        assert_eq!(entry["admissionReviewVersions"], json!(["v1"]));
+        assert_eq!(entry["sideEffects"], "None");
+        assert_eq!(entry["failurePolicy"], "Ignore");
+        assert_eq!(entry["clientConfig"]["service"]["name"], "bff-injector");
+        let path = entry["clientConfig"]["service"]["path"].as_str().unwrap();
+        let opted_in_namespace = entry["namespaceSelector"]["matchExpressions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["key"] == "bff.dev/inject" && e["operator"] == "In");
+        // An annotated pod is injected through either webhook; an unannotated one only through
+        // the namespace opt-in's.
+        let response = webhook
+            .review(path, &admission_review("a", annotated.clone()))
+            .await;
+        assert_injected(&apply(&response, &annotated), &annotated);
+        let response = webhook
+            .review(path, &admission_review("p", plain.clone()))
+            .await;
+        assert_eq!(
+            response.get("patch").is_some(),
+            opted_in_namespace,
+            "{path}: {response}"
+        );
+    }
+
+    // The Deployment's arguments are ones `bff webhook` takes, and its port is the Service's
+    // target.
+    let deployment = manifest("deployment.yaml");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "webhook");
+    let output = Command::new(env!("CARGO_BIN_EXE_bff"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(container["ports"][0]["name"], "https");
+    let service = manifest("service.yaml");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "https");
+    assert_eq!(service["spec"]["ports"][0]["port"], 443);
+}
