@@ -496,6 +496,9 @@ async fn handle(
 
 /// Runs the webhook until SIGTERM or SIGINT; the error says what kept it from starting.
 pub async fn serve(options: ServeOptions) -> Result<(), String> {
+    if options.cert_reload_interval.is_zero() {
+        return Err("--cert-reload-interval must be longer than 0".into());
+    }
     let cert = Arc::new(RotatingCert::load(&options.cert, &options.key)?);
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
