@@ -33,7 +33,7 @@ pub const DRAIN_SECONDS: u64 = 20;
 /// the drain, and a margin so the kubelet never kills bff mid-drain.
 pub const MIN_TERMINATION_GRACE_SECONDS: u64 = PRESTOP_SLEEP_SECONDS + DRAIN_SECONDS + 5;
 /// Default sidecar image.
-pub const DEFAULT_IMAGE: &str = "ghcr.io/bff/bff:latest";
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/bff-dev/bff:", env!("CARGO_PKG_VERSION"));
 
 /// Native sidecar (an `initContainers` entry with `restartPolicy: Always`, Kubernetes ≥ 1.29)
 /// or classic (the first of the pod's `containers`, for older clusters).

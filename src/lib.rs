@@ -33,3 +33,4 @@ pub mod admin;
 pub mod server;
 pub mod demo;
 pub mod inject;
+pub mod webhook;

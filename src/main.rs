@@ -1,5 +1,6 @@
 //! The `bff` command line: `run` the sidecar, `check` policies, `demo` on built-in mocks,
-//! `cache audit` the cache keys in Redis, `inject` the sidecar into Kubernetes manifests.
+//! `cache audit` the cache keys in Redis, `inject` the sidecar into Kubernetes manifests,
+//! serve the sidecar-injecting admission `webhook`.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
@@ -45,6 +46,9 @@ enum Command {
     /// and point the Services selecting them at it; prints the result on stdout. Comments in
     /// the input are not kept.
     Inject(InjectArgs),
+    /// Serve the mutating admission webhook that injects the bff sidecar into pods (HTTPS:
+    /// POST /mutate, POST /mutate-annotated, GET /healthz).
+    Webhook(WebhookArgs),
 }
 
 #[derive(clap::Args)]
@@ -77,6 +81,41 @@ struct InjectArgs {
     /// spec as given).
     #[arg(long)]
     redis_url: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct WebhookArgs {
+    /// HTTPS listener.
+    #[arg(long, env = "BFF_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: String,
+    /// Serving certificate (PEM chain); re-read when it changes.
+    #[arg(long, env = "BFF_WEBHOOK_CERT")]
+    cert: PathBuf,
+    /// Private key of the serving certificate (PEM); re-read when it changes.
+    #[arg(long, env = "BFF_WEBHOOK_KEY")]
+    key: PathBuf,
+    /// Image of the injected bff sidecar.
+    #[arg(long, env = "BFF_INJECT_IMAGE", default_value = bff::inject::DEFAULT_IMAGE)]
+    image: String,
+    /// ConfigMap holding the policy, mounted into the sidecar.
+    #[arg(
+        long,
+        env = "BFF_INJECT_POLICY_CONFIGMAP",
+        default_value = "bff-policy"
+    )]
+    policy_configmap: String,
+    /// A pod that should be injected but cannot be: `ignore` admits it as it is (with a
+    /// warning), `fail` denies it.
+    #[arg(
+        long,
+        env = "BFF_WEBHOOK_FAILURE_POLICY",
+        value_enum,
+        default_value = "ignore"
+    )]
+    failure_policy: bff::webhook::FailurePolicy,
+    /// How often the certificate files are checked for a change.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    cert_reload_interval: Duration,
 }
 
 #[derive(Subcommand)]
@@ -186,6 +225,40 @@ fn main() -> ExitCode {
             admin,
         } => bff::demo::run(&policy, &listen, &admin),
         Command::Inject(args) => inject(args),
+        Command::Webhook(args) => webhook(args),
+    }
+}
+
+fn webhook(args: WebhookArgs) -> ExitCode {
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("bff webhook: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = bff::webhook::ServeOptions {
+        listen: args.listen,
+        cert: args.cert,
+        key: args.key,
+        failure_policy: args.failure_policy,
+        cert_reload_interval: args.cert_reload_interval,
+        webhook: bff::webhook::WebhookOptions {
+            image: args.image,
+            policy_configmap: args.policy_configmap,
+        },
+    };
+    match runtime.block_on(bff::webhook::serve(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bff webhook: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -110,7 +110,8 @@ fn assert_native_sidecar(pod: &Value) {
     assert!(!names(&spec["containers"]).contains(&"bff"), "{spec}");
     let bff = &spec["initContainers"][0];
     assert_eq!(bff["restartPolicy"], "Always");
-    assert_eq!(bff["image"], "ghcr.io/bff/bff:latest");
+    assert_eq!(bff["image"], bff::inject::DEFAULT_IMAGE);
+    assert!(bff::inject::DEFAULT_IMAGE.starts_with("ghcr.io/bff-dev/bff:"));
     assert_sidecar_shape(bff, 8080, 9901, "policy.yaml");
     assert_policy_volume(spec, "bff-policy");
     assert_eq!(

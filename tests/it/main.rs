@@ -20,3 +20,4 @@ mod rate_limit;
 mod redis_harness;
 mod support;
 mod tls;
+mod webhook;
