@@ -7,9 +7,9 @@
 //! `cargo bench --bench cache`.
 
 use std::convert::Infallible;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +23,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
+
+mod support;
+use support::{free_port, ms, percentiles, Process};
 
 /// The TTL of the XFetch comparison's routes.
 const TTL: Duration = Duration::from_secs(1);
@@ -72,13 +75,6 @@ impl Plan {
     }
 }
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
-}
-
 /// A mock upstream answering a small JSON document after `delay`, counting its calls.
 async fn mock(delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0")
@@ -116,16 +112,6 @@ async fn mock(delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
         }
     });
     (addr, calls)
-}
-
-/// A child process killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
@@ -223,13 +209,6 @@ fn cache_word(url: &str, status: u16, body: &[u8]) -> String {
         .to_string()
 }
 
-/// Median and 99th percentile of `samples`.
-fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
-    (at(0.5), at(0.99))
-}
-
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -242,10 +221,6 @@ fn cell(value: f64, digits: usize) -> String {
     } else {
         "-".to_string()
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// Per-round p50s and p99s of several variants, in ms.

@@ -3,8 +3,8 @@
 //! the same run, alternating. What bff adds is the difference of the two. `cargo bench`.
 
 use std::convert::Infallible;
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,14 +16,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-const DELAYS_MS: [u64; 3] = [10, 20, 40];
+mod support;
+use support::{free_port, ms, percentiles, Process};
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
-}
+const DELAYS_MS: [u64; 3] = [10, 20, 40];
 
 /// A mock service answering a small JSON document after `delay`.
 async fn mock(delay: Duration) -> SocketAddr {
@@ -56,26 +52,6 @@ async fn mock(delay: Duration) -> SocketAddr {
     addr
 }
 
-struct Sidecar(Child);
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Median and 99th percentile of `samples`.
-fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
-    (at(0.5), at(0.99))
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // `cargo test --benches` runs this once as a smoke test; `cargo bench` passes `--bench`.
@@ -103,7 +79,7 @@ async fn main() {
     std::fs::write(&policy, yaml).unwrap_or_else(|e| panic!("write policy: {e}"));
 
     let (listen, admin) = (free_port(), free_port());
-    let _sidecar = Sidecar(
+    let _sidecar = Process(
         Command::new(env!("CARGO_BIN_EXE_bff"))
             .args(["run", "--policy"])
             .arg(&policy)
