@@ -251,24 +251,31 @@ async fn cached_section(
     found.map(|e| e.sections.json.to_vec())
 }
 
-/// `select`, then the whitelist. The selected document is kept only when children need it.
+/// `select`, then the whitelist, straight from the body's bytes. Only when children read
+/// `{fetch.*}` from this answer is the selected document also parsed into a `Value` for them.
 fn project(fetch: &Fetch, body: &[u8], keep_doc: bool) -> Result<Projected, String> {
     if body.is_empty() {
         return Err("answered with no body".into());
     }
-    let doc: Value =
-        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
-    let selected = match &fetch.select {
-        Some(path) => projection::select(&doc, path)
-            .ok_or_else(|| format!("answer has no `{path}` to select"))?,
-        None => &doc,
-    };
-    let projected = fetch
+    let select = fetch.select.as_deref();
+    let section = fetch
         .fields
-        .project(selected)
-        .ok_or("answer is neither a JSON object nor a JSON array")?;
-    let bytes = serde_json::to_vec(&projected).map_err(|e| e.to_string())?;
-    Ok((bytes, keep_doc.then(|| selected.clone())))
+        .project_selected(body, select)
+        .map_err(|e| e.to_string())?;
+    if !keep_doc {
+        return Ok((section, None));
+    }
+    // The projector accepts a little more than a `Value` does (nesting past serde_json's depth
+    // limit inside skipped or copied values, lone surrogate escapes), so this can still fail.
+    let doc: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("body cannot be read for dependent fetches: {e}"))?;
+    let doc = match select {
+        Some(path) => projection::select(&doc, path)
+            .ok_or_else(|| format!("answer has no `{path}` to select"))?
+            .clone(),
+        None => doc,
+    };
+    Ok((section, Some(doc)))
 }
 
 /// Logs a failed fetch once; a critical one fails the route, an optional one degrades.

@@ -29,8 +29,17 @@
 //!   non-plain elements are dropped. Through an alias, elements whose path is missing or not
 //!   plain are skipped, since there is no element object left to keep the index.
 //! - The top-level document: an object is projected; an array is projected element-wise with
-//!   non-object elements dropped; a scalar projects to nothing ([`FieldMask::project`] gives
-//!   `None`, [`FieldMask::project_bytes`] gives [`ProjectError::NotAnObjectOrArray`]).
+//!   non-object elements dropped; a scalar projects to nothing
+//!   ([`ProjectError::NotAnObjectOrArray`]). Optionally a `select` path (dotted member names)
+//!   first picks the document out of the body ([`FieldMask::project_selected`]).
+//! - Document keys are compared as serde_json reads them (`"us\u0065rId"` is `userId`), and a
+//!   key repeated in one object counts with its last value only, as `serde_json::Value` does.
+//! - Kept leaves are copied as written (`1.0e2` stays `1.0e2`): the body is never re-encoded.
+//!   A body that is not valid JSON (syntax, UTF-8, trailing bytes) fails as a whole, even where
+//!   the bad part would have been dropped. Skipped and copied values are checked against the
+//!   JSON grammar, not decoded, so what the grammar allows but a `serde_json::Value` cannot
+//!   hold passes there: nesting deeper than serde_json's limit of 128, numbers beyond `f64`,
+//!   lone surrogate escapes (`"\ud800"`).
 //! - Output members appear in the order their first spec appears in the fields list.
 //! - Specs whose output paths are equal, or where one is a prefix of the other (`a` and
 //!   `a.b`, `x as y` and `y`, `a[].b` and `a.b`), or that disagree on whether a segment is an
@@ -44,6 +53,8 @@ use std::fmt::Write as _;
 
 use indexmap::IndexMap;
 use serde_json::Value;
+
+use project::Plan;
 
 /// A `fields` entry that does not parse or that clashes with an earlier entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,13 +72,16 @@ pub enum ProjectError {
     InvalidJson(#[from] serde_json::Error),
     #[error("response body is neither a JSON object nor a JSON array")]
     NotAnObjectOrArray,
+    /// The `select` path leads nowhere: a step is missing or is not an object.
+    #[error("answer has no `{0}` to select")]
+    NothingToSelect(String),
 }
 
 /// A compiled, immutable field whitelist.
 #[derive(Debug, Clone)]
 pub struct FieldMask {
     specs: Vec<FieldSpec>,
-    root: Node,
+    plan: Plan,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,20 +96,21 @@ struct FieldSpec {
     alias: Option<String>,
 }
 
-/// Output members of one object level, keyed by output name, in fields-list order.
-#[derive(Debug, Clone, Default)]
+/// Output members of one object level, keyed by output name, in fields-list order; compiled
+/// into a [`Plan`] once all specs are in.
+#[derive(Debug, Default)]
 struct Node {
     members: IndexMap<String, Member>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Member {
     /// Index of the spec that created this member, to name it in conflict errors.
     owner: usize,
     kind: MemberKind,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum MemberKind {
     /// Read from the member of the same name; `next: None` marks a leaf.
     Path { array: bool, next: Option<Node> },
@@ -138,30 +153,24 @@ impl FieldMask {
             }
             specs.push(spec);
         }
-        Ok(FieldMask { specs, root })
+        let plan = Plan::document(&root);
+        Ok(FieldMask { specs, plan })
     }
 
-    /// Projects a document; `None` for a top-level scalar, which has nothing to whitelist.
-    pub fn project(&self, doc: &Value) -> Option<Value> {
-        match doc {
-            Value::Object(object) => Some(Value::Object(self.root.project_object(object))),
-            Value::Array(items) => Some(Value::Array(
-                items
-                    .iter()
-                    .filter_map(Value::as_object)
-                    .map(|object| Value::Object(self.root.project_object(object)))
-                    .collect(),
-            )),
-            _ => None,
-        }
-    }
-
-    /// Parses, projects and re-serializes a response body.
+    /// Projects a response body; see [`FieldMask::project_selected`].
     pub fn project_bytes(&self, body: &[u8]) -> Result<Vec<u8>, ProjectError> {
-        let doc: Value = serde_json::from_slice(body)?;
-        let projected = self.project(&doc).ok_or(ProjectError::NotAnObjectOrArray)?;
-        // `Display` of a `Value` cannot fail, unlike `to_vec`'s generic serializer signature.
-        Ok(projected.to_string().into_bytes())
+        self.project_selected(body, None)
+    }
+
+    /// Projects the document at `select` (dotted member names, see [`validate_select`]) in a
+    /// response body, or the whole body without it. The body is read once, without building a
+    /// document tree, and the whole of it is validated.
+    pub fn project_selected(
+        &self,
+        body: &[u8],
+        select: Option<&str>,
+    ) -> Result<Vec<u8>, ProjectError> {
+        project::project(&self.plan, body, select)
     }
 
     /// Normalized specs in fields-list order, comma-separated. Order is kept because it

@@ -1,10 +1,36 @@
-//! Tests for field masks: unit cases per rule, and properties that check the whitelist
-//! against an oracle derived from the spec strings alone.
+//! Tests for field masks: unit cases per rule, hostile bodies, and properties that check the
+//! whitelist against an oracle derived from the spec strings alone, on documents built as
+//! values and on JSON text spelt the ways servers spell it.
 
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
 use super::{select, validate_select, FieldMask, FieldSpecError, ProjectError};
+
+impl FieldMask {
+    /// The projection of a document through the byte projector; `None` for a scalar.
+    fn project(&self, doc: &Value) -> Option<Value> {
+        match self.project_bytes(doc.to_string().as_bytes()) {
+            Ok(out) => Some(parse(&out)),
+            Err(ProjectError::NotAnObjectOrArray) => None,
+            Err(e) => panic!("{doc} should project: {e}"),
+        }
+    }
+}
+
+fn parse(out: &[u8]) -> Value {
+    match serde_json::from_slice(out) {
+        Ok(value) => value,
+        Err(e) => panic!("output {:?} is not JSON: {e}", String::from_utf8_lossy(out)),
+    }
+}
+
+fn project_text(fields: &[&str], body: &str) -> String {
+    match mask(fields).project_bytes(body.as_bytes()) {
+        Ok(out) => String::from_utf8(out).expect("UTF-8 output"),
+        Err(e) => panic!("{body:?} should project: {e}"),
+    }
+}
 
 fn mask(fields: &[&str]) -> FieldMask {
     match FieldMask::compile(fields) {
@@ -204,6 +230,235 @@ fn project_bytes() {
 }
 
 #[test]
+fn select_picks_the_document_first() {
+    let mask = mask(&["a"]);
+    let body = br#"{"data": {"list": [{"a": 1, "s": 2}, 3]}, "other": {"a": 9}}"#;
+    let projected = |select: &str| {
+        mask.project_selected(body, Some(select))
+            .map(|out| String::from_utf8_lossy(&out).into_owned())
+    };
+    assert_eq!(projected("data.list").expect("found"), r#"[{"a":1}]"#);
+    assert_eq!(projected("other").expect("found"), r#"{"a":9}"#);
+    for missing in [
+        "nope",
+        "data.nope",
+        "data.list.a",
+        "other.a.b",
+        "",
+        "data[]",
+        "data..list",
+    ] {
+        match projected(missing) {
+            Err(e @ ProjectError::NothingToSelect(_)) => {
+                assert_eq!(
+                    e.to_string(),
+                    format!("answer has no `{missing}` to select")
+                );
+            }
+            other => panic!("{missing:?}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        projected("other.a"),
+        Err(ProjectError::NotAnObjectOrArray)
+    ));
+    // The last of repeated keys counts along the path too; the body is validated past it.
+    let repeated = br#"{"d": {"a": 1}, "d": 2}"#;
+    assert!(matches!(
+        mask.project_selected(repeated, Some("d")),
+        Err(ProjectError::NotAnObjectOrArray)
+    ));
+    let repeated = br#"{"d": 2, "d": {"a": 1, "b": 2}}"#;
+    assert_eq!(
+        mask.project_selected(repeated, Some("d")).expect("found"),
+        br#"{"a":1}"#
+    );
+    for bad in [
+        &br#"{"d": {"a": 1}} x"#[..],
+        br#"{"x": [1,,2], "d": {}}"#,
+        br#"{"d": {}"#,
+    ] {
+        assert!(matches!(
+            mask.project_selected(bad, Some("d")),
+            Err(ProjectError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            mask.project_selected(bad, Some("nope")),
+            Err(ProjectError::InvalidJson(_))
+        ));
+    }
+}
+
+#[test]
+fn invalid_json_anywhere_fails_the_body() {
+    let mask = mask(&["a"]);
+    let cases: [&[u8]; 9] = [
+        br#"{"a": 1} x"#,
+        br#"{"a": 1}{}"#,
+        br#"{"x": [1,,2], "a": 1}"#,
+        br#"{"x": {"y" 1}, "a": 1}"#,
+        br#"{"x": "\q", "a": 1}"#,
+        b"{\"x\": \"\xff\", \"a\": 1}",
+        br#"{"a": [1, 2}"#,
+        br#"{"a": 1,}"#,
+        br#"[{"a": 1},]"#,
+    ];
+    for body in cases {
+        assert!(
+            matches!(mask.project_bytes(body), Err(ProjectError::InvalidJson(_))),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    assert_eq!(project_text(&["a"], " {\"a\" : 1 }\n\t "), r#"{"a":1}"#);
+}
+
+#[test]
+fn leaves_are_copied_as_written() {
+    let body = r#"{"n": 1.0e2, "s": "\u0041\"", "t": [1, [ 2 ], "]"], "z": -0}"#;
+    assert_eq!(
+        project_text(&["z", "t", "s", "n"], body),
+        r#"{"z":-0,"t":[1, [ 2 ], "]"],"s":"\u0041\"","n":1.0e2}"#
+    );
+    // Grammatical JSON that a `Value` cannot hold is checked, not decoded, so it passes too.
+    let body = r#"{"big": 1e999, "lone": "\ud800", "skipped": ["\udfff", -1e400]}"#;
+    assert_eq!(
+        project_text(&["big", "lone"], body),
+        r#"{"big":1e999,"lone":"\ud800"}"#
+    );
+}
+
+#[test]
+fn keys_are_read_as_serde_reads_them() {
+    let body = r#"{"us\u0065rId": 1, "s\u0065cret": 2, "\u0061": {"\u0062": 3, "c": 4}}"#;
+    assert_eq!(
+        project_text(&["userId", "a.b"], body),
+        r#"{"userId":1,"a":{"b":3}}"#
+    );
+}
+
+#[test]
+fn repeated_keys_count_with_their_last_value() {
+    let cases = [
+        (&["a"][..], r#"{"a": 1, "a": {"secret": 1}}"#, r#"{}"#),
+        (&["a"], r#"{"a": {"secret": 1}, "a": 2}"#, r#"{"a":2}"#),
+        (
+            &["a.b"],
+            r#"{"a": {"b": 1, "c": 2}, "a": {"c": 3}}"#,
+            r#"{"a":{}}"#,
+        ),
+        (
+            &["a.b"],
+            r#"{"a": {"b": 1, "b": [2]}}"#,
+            r#"{"a":{"b":[2]}}"#,
+        ),
+        (&["a.b"], r#"{"a": {"b": 1}, "a": 5}"#, r#"{}"#),
+        (
+            &["a[].b"],
+            r#"{"a": [{"b": 1}], "a": [{"b": 2}, {"c": 3}]}"#,
+            r#"{"a":[{"b":2},{}]}"#,
+        ),
+        (&["a.b as x"], r#"{"a": {"b": 1}, "a": {"c": 2}}"#, r#"{}"#),
+        (
+            &["a.b as x"],
+            r#"{"a": {"b": {"s": 1}, "b": 3}}"#,
+            r#"{"x":3}"#,
+        ),
+        (
+            &["a", "a as y"],
+            r#"{"a": [1], "a": 2}"#,
+            r#"{"a":2,"y":2}"#,
+        ),
+    ];
+    for (fields, body, expected) in cases {
+        assert_eq!(project_text(fields, body), expected, "{fields:?} {body}");
+    }
+}
+
+#[test]
+fn braces_inside_strings_do_not_make_a_leaf_an_object() {
+    let body = r#"{"a": ["{", "\"{", "\\", "}"], "b": ["\\\"{", {"s": 1}], "c": "{", "d": ["\"", {"s": 1}]}"#;
+    assert_eq!(
+        project_text(&["a", "b", "c", "d"], body),
+        r#"{"a":["{", "\"{", "\\", "}"],"c":"{"}"#
+    );
+}
+
+#[test]
+fn a_member_read_by_several_outputs() {
+    let fields = ["a", "a.x as c", "a as d", "b[].y as ys"];
+    assert_eq!(
+        project_text(&fields, r#"{"a": {"x": 1}, "b": [{"y": 2}]}"#),
+        r#"{"c":1,"ys":[2]}"#
+    );
+    assert_eq!(
+        project_text(&fields, r#"{"a": [5], "b": 3}"#),
+        r#"{"a":[5],"d":[5]}"#
+    );
+}
+
+const DEEP: usize = 100_000;
+
+fn deep_array(inner: &str) -> String {
+    format!("{}{inner}{}", "[".repeat(DEEP), "]".repeat(DEEP))
+}
+
+fn deep_object(key: &str, inner: &str) -> String {
+    format!(
+        "{}{inner}{}",
+        format!("{{\"{key}\":").repeat(DEEP),
+        "}".repeat(DEEP)
+    )
+}
+
+#[test]
+fn hostile_deep_nesting_in_skipped_members() {
+    let body = format!(
+        r#"{{"secret": {}, "x": {}, "a": 1}}"#,
+        deep_array("1"),
+        deep_object("x", "2")
+    );
+    assert_eq!(project_text(&["a", "b.c", "d[].e"], &body), r#"{"a":1}"#);
+    // Elements and members read through the mask are skipped just as deep.
+    let body = format!(
+        r#"{{"a": {}, "b": {}}}"#,
+        deep_array("1"),
+        deep_object("c", "1")
+    );
+    assert_eq!(
+        project_text(&["a[].x", "b.c.d"], &body),
+        r#"{"a":[],"b":{"c":{}}}"#
+    );
+    assert_eq!(project_text(&["a"], &deep_array("{}")), "[]");
+    assert_eq!(project_text(&["a"], &deep_object("a", "1")), "{}");
+}
+
+#[test]
+fn hostile_deep_nesting_in_kept_members() {
+    let deep = deep_array("1");
+    let body = format!(r#"{{"a": {deep}, "b": {}}}"#, deep_array("{}"));
+    assert_eq!(
+        project_text(&["a", "b", "a as c", "a[] as d"], &body),
+        format!(r#"{{"a":{deep},"c":{deep},"d":{deep}}}"#)
+    );
+    let out = mask(&["a", "a as c"])
+        .project_selected(format!(r#"{{"s": {body}}}"#).as_bytes(), Some("s"))
+        .expect("valid");
+    assert_eq!(out, format!(r#"{{"a":{deep},"c":{deep}}}"#).into_bytes());
+    // A mask deeper than serde_json's recursion limit meets the limit, not the stack's end.
+    let long = vec!["a"; 300].join(".");
+    let body = deep_object("a", "1");
+    assert!(matches!(
+        mask(&[long.as_str()]).project_bytes(body.as_bytes()),
+        Err(ProjectError::InvalidJson(_))
+    ));
+    assert!(matches!(
+        mask(&["a"]).project_bytes(&body.as_bytes()[..body.len() - 1]),
+        Err(ProjectError::InvalidJson(_))
+    ));
+}
+
+#[test]
 fn empty_mask_keeps_nothing() {
     assert_eq!(project(&[], json!({"a": 1})), json!({}));
 }
@@ -329,7 +584,8 @@ fn json_doc() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         (-5i64..5).prop_map(Value::from),
-        "[a-z]{0,2}".prop_map(Value::String),
+        // Quotes, backslashes and brackets inside strings, which must not confuse the copying.
+        r#"[a-z{}\[\]"\\]{0,3}"#.prop_map(Value::String),
     ];
     let any_value = leaf.prop_recursive(4, 64, 5, |inner| {
         prop_oneof![
@@ -491,6 +747,79 @@ fn check_output(fields: &[String], out: &Value) -> Result<(), String> {
     }
 }
 
+/// JSON text as servers write it: keys from [`KEYS`], sometimes escaped (`"s\u0065cret"`) and
+/// repeated in one object, whitespace, number and string spellings a `Value` would normalise,
+/// braces inside strings, and nesting well past the value strategy's (kept under serde_json's
+/// depth limit of 128, so that the text can also be read as a `Value`).
+fn json_text() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        prop::sample::select(vec![
+            "null",
+            "true",
+            "false",
+            "-0",
+            "1.0e2",
+            "0.5",
+            "-12",
+            r#""\u0041""#,
+            r#""{\"secret\":1}""#,
+            r#""}]\\""#,
+            r#""\"{""#,
+        ])
+        .prop_map(str::to_owned),
+        (-5i64..5).prop_map(|n| n.to_string()),
+        "[a-z]{0,2}".prop_map(|s| format!("\"{s}\"")),
+    ];
+    let value = leaf.prop_recursive(4, 64, 5, |inner| {
+        prop_oneof![
+            2 => (prop::collection::vec(inner.clone(), 0..4), space())
+                .prop_map(|(items, space)| format!("[{space}{}]", items.join(","))),
+            3 => object_text(inner.clone()),
+            1 => (inner, 1usize..25, prop::sample::select(&KEYS[..])).prop_map(|(value, depth, key)| {
+                // Arrays or single-member objects around a value.
+                if depth % 2 == 0 {
+                    format!("{}{value}{}", "[".repeat(depth), "]".repeat(depth))
+                } else {
+                    format!("{}{value}{}", format!("{{\"{key}\":").repeat(depth), "}".repeat(depth))
+                }
+            }),
+        ]
+    });
+    prop_oneof![
+        3 => object_text(value.clone()),
+        1 => prop::collection::vec(value.clone(), 0..4).prop_map(|items| format!("[{}]", items.join(" , "))),
+        1 => value,
+    ]
+}
+
+fn space() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec!["", "", " ", "\n\t "])
+}
+
+fn object_text(values: impl Strategy<Value = String>) -> impl Strategy<Value = String> {
+    let member = (
+        prop::sample::select(&KEYS[..]),
+        any::<bool>(),
+        space(),
+        values,
+    );
+    prop::collection::vec(member, 0..7).prop_map(|members| {
+        let members: Vec<String> = members
+            .into_iter()
+            .map(|(key, escape, space, value)| {
+                let key = match key.split_at(1) {
+                    (first, rest) if escape => {
+                        format!("\\u{:04x}{rest}", u32::from(first.as_bytes()[0]))
+                    }
+                    _ => key.to_owned(),
+                };
+                format!("{space}\"{key}\"{space}:{value}")
+            })
+            .collect();
+        format!("{{{}}}", members.join(","))
+    })
+}
+
 fn is_plain(value: &Value) -> bool {
     match value {
         Value::Object(_) => false,
@@ -537,6 +866,51 @@ proptest! {
                 let out = out.as_ref().and_then(|o| o.pointer(&key));
                 prop_assert_eq!(out, Some(value), "field {}", field);
             }
+        }
+    }
+
+    #[test]
+    fn text_projects_as_serde_reads_it(text in json_text(), fields in field_list(true)) {
+        let mask = FieldMask::compile(&fields).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let read: Value = serde_json::from_str(&text)
+            .map_err(|e| TestCaseError::fail(format!("{e}: {text}")))?;
+        let raw = mask.project_bytes(text.as_bytes());
+        let normalised = mask.project_bytes(read.to_string().as_bytes());
+        match (raw, normalised) {
+            (Ok(raw), Ok(normalised)) => {
+                let out: Value = serde_json::from_slice(&raw).map_err(|e| {
+                    TestCaseError::fail(format!("{e}: {}", String::from_utf8_lossy(&raw)))
+                })?;
+                // Same members in the same order, whatever the spelling of the text.
+                prop_assert_eq!(out.to_string(), parse(&normalised).to_string(), "text {}", text);
+                if let Err(e) = check_output(&fields, &out) {
+                    return Err(TestCaseError::fail(format!("{e}\nfields {fields:?}\ntext {text}\nout {out}")));
+                }
+            }
+            (Err(ProjectError::NotAnObjectOrArray), Err(ProjectError::NotAnObjectOrArray)) => {
+                prop_assert!(!read.is_object() && !read.is_array());
+            }
+            (raw, normalised) => {
+                return Err(TestCaseError::fail(format!("{raw:?} vs {normalised:?} for {text}")));
+            }
+        }
+    }
+
+    #[test]
+    fn select_projects_the_selected_member(text in json_text(), fields in field_list(true), path in prop::sample::select(vec!["a", "b.c", "secret.a.b"])) {
+        let mask = FieldMask::compile(&fields).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let read: Value = serde_json::from_str(&text)
+            .map_err(|e| TestCaseError::fail(format!("{e}: {text}")))?;
+        let out = mask.project_selected(text.as_bytes(), Some(path));
+        match select(&read, path) {
+            None => prop_assert!(matches!(out, Err(ProjectError::NothingToSelect(ref p)) if p == path)),
+            Some(selected) => match mask.project(selected) {
+                None => prop_assert!(matches!(out, Err(ProjectError::NotAnObjectOrArray))),
+                Some(expected) => {
+                    let out = out.map_err(|e| TestCaseError::fail(format!("{e}: {text}")))?;
+                    prop_assert_eq!(parse(&out).to_string(), expected.to_string());
+                }
+            },
         }
     }
 }
