@@ -1,7 +1,7 @@
 # bff: `make demo` runs the sidecar on built-in mocks, `make test` runs every test.
 # Both install what a fresh Debian machine lacks (cmake for Pingora's zlib-ng, redis-server
-# for the cache tests, kubectl, promtool and kubernetes-validate for deploy/k8s) with apt-get
-# and pip, only when missing.
+# for the cache tests, kubectl, promtool and kubernetes-validate for deploy/k8s, nginx with its
+# echo module and wrk for the load benchmark) with apt-get and pip, only when missing.
 
 CARGO ?= cargo
 APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KV_VERSION = 1.31.0
 KV_VENV = $(HOME)/.cache/bff/kubernetes-validate-$(KV_VERSION)
 
-.PHONY: demo test check lint bench build-deps test-deps k8s-check
+.PHONY: demo test check lint bench build-deps test-deps load-deps k8s-check
 
 demo: build-deps
 	$(CARGO) run --bin bff -- demo
@@ -29,7 +29,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-bench: build-deps
+# The load benchmark starts the bare Pingora example built with the same (bench) profile; it
+# writes target/bench/results.json. `cargo bench --bench load` runs it alone.
+bench: build-deps load-deps
+	$(CARGO) build --profile bench --example bare_pingora
 	$(CARGO) bench
 
 build-deps:
@@ -37,9 +40,15 @@ build-deps:
 	  echo "installing build tools (cmake, cc)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) cmake build-essential; }
 
+# The load benchmark's peers and load generator; `make test` runs it once as a smoke test.
+load-deps:
+	@command -v nginx >/dev/null && [ -f /usr/lib/nginx/modules/ngx_http_echo_module.so ] && command -v wrk >/dev/null || { \
+	  echo "installing nginx, its echo module and wrk for the load benchmark"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) nginx libnginx-mod-http-echo wrk; }
+
 # Debian ships redis-cli in redis-tools (a dependency of redis-server; named anyway: the cluster tests
 # join their nodes with it).
-test-deps:
+test-deps: load-deps
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \
 	  echo "installing redis-server and redis-cli for the cache tests"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) redis-server redis-tools; }

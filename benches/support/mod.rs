@@ -1,6 +1,9 @@
 //! What the benches that run the real binary share: free ports, a child process that dies with
 //! the bench, and latency percentiles.
 
+// Each bench compiles its own copy and uses part of it.
+#![allow(dead_code)]
+
 use std::net::TcpListener;
 use std::process::Child;
 use std::time::Duration;
