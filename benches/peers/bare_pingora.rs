@@ -11,6 +11,10 @@ use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 
+// The same allocator as bff, so the comparison measures bff's work, not the allocator's.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 struct Bare {
     upstream: String,
 }
