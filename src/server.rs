@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -20,6 +21,13 @@ use crate::metrics::ReloadResult;
 use crate::pipeline::auth::Verifier;
 use crate::policy::Policy;
 use crate::proxy::{Bff, Shared};
+
+/// Bytes a client connection's writes are gathered in before a syscall. Pingora's default
+/// (1460, one segment) sends a response head and a body of a few KiB, such as an aggregated
+/// answer, in separate writes; this size sends them in one. Only bodies of a known length are
+/// held back: chunked and close-delimited ones (streams, server-sent events) are flushed at
+/// every write whatever the size.
+const CLIENT_WRITE_BUFFER: usize = 16 * 1024;
 
 /// How often missing token keys are fetched again.
 const KEY_RETRY: Duration = Duration::from_secs(2);
@@ -70,7 +78,12 @@ pub fn run(options: RunOptions, policy: Policy) -> ! {
         },
         "bff",
     );
-    proxy.add_tcp(&options.listen);
+    proxy.add_listener(
+        ListenerConfig::tcp(options.listen.as_str()).l4_buffer(L4BufferSettings {
+            read: None,
+            write: Some(CLIENT_WRITE_BUFFER),
+        }),
+    );
 
     let mut admin = Service::new(
         "admin".to_string(),
