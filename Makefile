@@ -29,11 +29,13 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# The load benchmark starts the bare Pingora example built with the same (bench) profile; it
-# writes target/bench/results.json. `cargo bench --bench load` runs it alone.
+# The load benchmark starts the bare Pingora example built with the same (bench) profile, and
+# runs last: target/bench/results.json also takes the projection ratios of the criterion run.
+# `cargo bench --bench load` runs it alone.
 bench: build-deps load-deps
 	$(CARGO) build --profile bench --example bare_pingora
-	$(CARGO) bench
+	$(CARGO) bench --bench micro --bench cache --bench fanout --bench jwt_cache
+	$(CARGO) bench --bench load
 
 build-deps:
 	@command -v cc >/dev/null && command -v cmake >/dev/null || { \

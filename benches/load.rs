@@ -63,7 +63,7 @@ impl Settings {
         Settings {
             full,
             rounds: if full {
-                var("BENCH_ROUNDS", 5) as usize
+                var("BENCH_ROUNDS", 7) as usize
             } else {
                 1
             },
@@ -156,6 +156,20 @@ impl Nginx {
             .unwrap_or_else(|e| panic!("start nginx: {e}; {INSTALL_HINT}"));
         Nginx {
             _process: Process(process),
+        }
+    }
+}
+
+/// A free port no other part of this run was given: the bench hands out dozens before anything
+/// binds them, and the kernel may offer a released port again.
+fn new_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = free_port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
         }
     }
 }
@@ -502,7 +516,7 @@ fn main() {
             &delays[..]
         };
         for &delay in doc_delays {
-            let port = free_port();
+            let port = new_port();
             service_port.insert((doc, delay), port);
             let location = if delay == 0 {
                 format!("location / {{ try_files /{doc}.json =404; }}")
@@ -531,7 +545,7 @@ fn main() {
         .unwrap_or_else(|e| panic!("write policy: {e}"));
     // Leaked: every wrk run of the whole bench borrows it.
     let token: &'static str = Box::leak(token().into_boxed_str());
-    let (listen, admin) = (free_port(), free_port());
+    let (listen, admin) = (new_port(), new_port());
     let bff = start_bff(&policy_path, listen, admin, settings.bff_threads);
     let bff_pid = bff.0.id();
     let idle = rss_mib(bff_pid).0;
@@ -558,7 +572,7 @@ fn main() {
     );
     std::fs::write(docs.join("final.json"), &final_body)
         .unwrap_or_else(|e| panic!("write final.json: {e}"));
-    let (static_port, proxy_pass_port, bare_port) = (free_port(), free_port(), free_port());
+    let (static_port, proxy_pass_port, bare_port) = (new_port(), new_port(), new_port());
     let peers = format!(
         "  upstream app {{ server 127.0.0.1:{app_port}; keepalive 64; }}\n\
          \x20 server {{ listen 127.0.0.1:{static_port}; root {docs}; location / {{ try_files /final.json =404; }} }}\n\
@@ -635,7 +649,7 @@ fn main() {
         let slowest = format!("http://127.0.0.1:{}/users/{SUB}", port("reco", d));
         check(&slowest, None);
         // What any Pingora hop costs in latency here: the floor under bff's overhead.
-        let hop_port = free_port();
+        let hop_port = new_port();
         let _hop = start_bare_pingora(&bare_pingora, hop_port, port("reco", d));
         wait_for_port(hop_port, "bare Pingora");
         let hop = format!("http://127.0.0.1:{hop_port}/users/{SUB}");
@@ -837,6 +851,43 @@ fn main() {
     );
     report.target("start to ready", start, false, 100.0, "ms");
 
+    // Projection's target is criterion's (`benches/micro.rs`): read back from its last run.
+    let mut micro = Map::new();
+    for (group, document) in [
+        ("user_40_fields_keep_4", "40-field user"),
+        ("orders_1MiB", "1 MiB of orders"),
+    ] {
+        let medians = (
+            criterion_median_ns(group, "projection"),
+            criterion_median_ns(group, "value_round_trip"),
+        );
+        let (Some(projection), Some(round_trip)) = medians else {
+            let _ = writeln!(
+                report.table,
+                "\nprojection ({document}): no criterion result; run `cargo bench --bench micro` first (make bench does)"
+            );
+            continue;
+        };
+        let ratio = round_trip / projection;
+        let _ = writeln!(
+            report.table,
+            "\nprojection ({document}, criterion medians): {:.1} µs against a Value round trip's {:.1} µs, {ratio:.2}x",
+            projection / 1000.0,
+            round_trip / 1000.0
+        );
+        micro.insert(
+            group.into(),
+            json!({"projection_ns": round(projection, 1), "value_round_trip_ns": round(round_trip, 1), "ratio": round(ratio, 2)}),
+        );
+        report.target(
+            &format!("projection, {document}: Value trip / projection"),
+            ratio,
+            true,
+            3.0,
+            "x",
+        );
+    }
+
     let mut table = format!(
         "load benchmark: {} rounds x {} s per subject, {} connections (wrk -t1), bff --threads {}; \
          medians of the rounds\n",
@@ -869,6 +920,7 @@ fn main() {
                          "connections": settings.connections, "bff_threads": settings.bff_threads,
                          "cores": std::thread::available_parallelism().map_or(0, |n| n.get())},
             "scenarios": report.scenarios,
+            "projection": micro,
             "footprint": {"rss_idle_mib": round(idle, 1), "peak_rss_1000_connections_mib": round(peak_1000, 1),
                           "start_to_ready_ms": round(start, 1)},
             "targets": report.targets,
@@ -882,11 +934,25 @@ fn main() {
     }
 }
 
-fn results_dir() -> PathBuf {
+fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
-        .join("bench")
+}
+
+fn results_dir() -> PathBuf {
+    target_dir().join("bench")
+}
+
+/// The median time in nanoseconds criterion recorded for `group/function`, if it ran.
+fn criterion_median_ns(group: &str, function: &str) -> Option<f64> {
+    let path = target_dir()
+        .join("criterion")
+        .join(group)
+        .join(function)
+        .join("new/estimates.json");
+    let estimates: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    estimates["median"]["point_estimate"].as_f64()
 }
 
 /// `benches/peers/bare_pingora.rs`, built as an example of the same profile: beside this bench's
@@ -1036,7 +1102,7 @@ fn wait_ready(admin: u16, every: Duration) {
 
 /// From spawning the process to `/readyz` answering 200, polled every millisecond.
 fn start_to_ready_ms(policy: &Path, threads: usize) -> f64 {
-    let (listen, admin) = (free_port(), free_port());
+    let (listen, admin) = (new_port(), new_port());
     let started = Instant::now();
     let process = Process(
         bff_command(policy, listen, admin, threads)
