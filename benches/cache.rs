@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 mod support;
-use support::{free_port, ms, percentiles, Process};
+use support::{bff_run, free_port, ms, percentiles, Process};
 
 /// The TTL of the XFetch comparison's routes.
 const TTL: Duration = Duration::from_secs(1);
@@ -126,14 +126,7 @@ struct Sidecar {
 impl Sidecar {
     async fn start(client: &HttpClient, policy: &Path, redis: Option<&str>) -> Sidecar {
         let (listen, admin) = (free_port(), free_port());
-        let mut command = Command::new(env!("CARGO_BIN_EXE_bff"));
-        command
-            .args(["run", "--policy"])
-            .arg(policy)
-            .args(["--listen", &format!("127.0.0.1:{listen}")])
-            .args(["--admin", &format!("127.0.0.1:{admin}")])
-            .env("BFF_LOG", "error")
-            .stdout(Stdio::null());
+        let mut command = bff_run(policy, listen, admin, "error");
         if let Some(url) = redis {
             command.args(["--redis", url]);
         }

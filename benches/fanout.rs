@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 mod support;
-use support::{free_port, ms, percentiles, Process};
+use support::{bff_run, free_port, ms, percentiles, Process};
 
 const DELAYS_MS: [u64; 3] = [10, 20, 40];
 
@@ -80,13 +79,7 @@ async fn main() {
 
     let (listen, admin) = (free_port(), free_port());
     let _sidecar = Process(
-        Command::new(env!("CARGO_BIN_EXE_bff"))
-            .args(["run", "--policy"])
-            .arg(&policy)
-            .args(["--listen", &format!("127.0.0.1:{listen}")])
-            .args(["--admin", &format!("127.0.0.1:{admin}")])
-            .env("BFF_LOG", "error")
-            .stdout(Stdio::null())
+        bff_run(&policy, listen, admin, "error")
             .spawn()
             .unwrap_or_else(|e| panic!("start bff: {e}")),
     );

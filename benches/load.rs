@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::{json, Map, Value};
 
 mod support;
-use support::{free_port, Process};
+use support::{bff_run, free_port, Process};
 
 const ECHO_MODULE: &str = "/usr/lib/nginx/modules/ngx_http_echo_module.so";
 const INSTALL_HINT: &str =
@@ -1063,16 +1063,9 @@ fn token() -> String {
 }
 
 fn bff_command(policy: &Path, listen: u16, admin: u16, threads: usize) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_bff"));
-    command
-        .args(["run", "--policy"])
-        .arg(policy)
-        .args(["--listen", &format!("127.0.0.1:{listen}")])
-        .args(["--admin", &format!("127.0.0.1:{admin}")])
-        .args(["--threads", &threads.to_string()])
-        // The access log is off, as nginx's is: both would cost the same formatting and I/O.
-        .env("BFF_LOG", "warn")
-        .stdout(Stdio::null());
+    // The access log is off, as nginx's is: both would cost the same formatting and I/O.
+    let mut command = bff_run(policy, listen, admin, "warn");
+    command.args(["--threads", &threads.to_string()]);
     command
 }
 

@@ -5,7 +5,8 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 pub fn free_port() -> u16 {
@@ -13,6 +14,19 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// `bff run` of this build on `policy`, listening on loopback; logs only `log_level` and above.
+pub fn bff_run(policy: &Path, listen: u16, admin: u16, log_level: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bff"));
+    command
+        .args(["run", "--policy"])
+        .arg(policy)
+        .args(["--listen", &format!("127.0.0.1:{listen}")])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .env("BFF_LOG", log_level)
+        .stdout(Stdio::null());
+    command
 }
 
 /// A child process killed when dropped.
