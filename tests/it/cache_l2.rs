@@ -3,6 +3,7 @@
 //! recompute for a cold key across instances, a lock holder that dies, foreign bytes under a
 //! key, Redis killed mid-load and back, and a 3-master Redis Cluster.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::cache::{cache_word, counting};
-use crate::support::metrics::metric;
+use crate::support::metrics::{metric, metrics_text, parse_metrics};
 use crate::support::redis::{RedisCluster, RedisServer};
 use crate::support::{http, tokens, write_policy, Bff, TempPolicy};
 
@@ -169,23 +170,60 @@ async fn a_cold_key_under_load_is_recomputed_once_per_instance_at_most() {
     let (a, _fa) = start(&yaml, &redis.url()).await;
     let (b, _fb) = start(&yaml, &redis.url()).await;
     let (a, b) = (Arc::new(a), Arc::new(b));
-    let requests: Vec<_> = (0..500)
-        .map(|i| {
-            let bff = if i % 2 == 0 { a.clone() } else { b.clone() };
-            tokio::spawn(async move { get(&bff, "ada").await })
-        })
-        .collect();
-    for request in requests {
-        let reply = request.await.expect("request task");
-        assert_eq!(reply.status, 200, "{}", reply.text());
-        assert_eq!(
-            reply.json()["me"]["n"],
-            json!(1),
-            "every answer is the one recompute's"
-        );
+    // A Redis call that misses its 50 ms deadline (a loaded machine) sets Redis aside for a
+    // moment, and an instance then recomputes without the lock, as designed. Such a round must
+    // still recompute once per instance; a cold key is tried again until a round ran with
+    // Redis answering in time, where the lock must make it once in all.
+    for round in 0..5 {
+        let sub = format!("ada{round}");
+        let errors_before = l2_errors(&a).await + l2_errors(&b).await;
+        let calls_before = calls.load(Ordering::SeqCst);
+        let requests: Vec<_> = (0..500)
+            .map(|i| {
+                let bff = if i % 2 == 0 { a.clone() } else { b.clone() };
+                let sub = sub.clone();
+                tokio::spawn(async move { get(&bff, &sub).await })
+            })
+            .collect();
+        let mut answers = [BTreeSet::new(), BTreeSet::new()];
+        for (i, request) in requests.into_iter().enumerate() {
+            let reply = request.await.expect("request task");
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            answers[i % 2].insert(reply.json()["me"]["n"].to_string());
+        }
+        let recomputes = calls.load(Ordering::SeqCst) - calls_before;
+        for (instance, seen) in ["a", "b"].iter().zip(&answers) {
+            assert_eq!(
+                seen.len(),
+                1,
+                "instance {instance} answered from more than one recompute: {seen:?}"
+            );
+        }
+        assert!(recomputes <= 2, "{recomputes} recomputes for two instances");
+        if l2_errors(&a).await + l2_errors(&b).await == errors_before {
+            assert_eq!(
+                recomputes, 1,
+                "Redis answered in time, yet both instances recomputed"
+            );
+            assert_eq!(
+                answers[0], answers[1],
+                "every answer is the one recompute's"
+            );
+            return;
+        }
+        // Past the pause in which a sidecar leaves Redis alone after a failed call.
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    // The Redis lock lets one instance recompute; the other waits for its answer.
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    panic!("a Redis call failed in each of 5 rounds: the machine is too loaded to test the lock");
+}
+
+/// Redis calls a sidecar counted as failed or timed out, whatever the operation.
+async fn l2_errors(bff: &Bff) -> f64 {
+    parse_metrics(&metrics_text(bff).await)
+        .iter()
+        .filter(|s| s.name == "bff_cache_l2_errors_total")
+        .map(|s| s.value)
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
