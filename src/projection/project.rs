@@ -309,8 +309,23 @@ fn member<'de, A: MapAccess<'de>>(
     writer: &mut Writer<'de>,
     name: &str,
     plan: &Plan,
-    mut map: A,
+    map: A,
 ) -> Result<Option<Piece<'de>>, A::Error> {
+    let found = last_member(writer, name, map, |map, writer| {
+        map.next_value_seed(Apply { writer, plan })
+    })?;
+    Ok(found.flatten())
+}
+
+/// What `take` makes of the last member called `name` in `map`, `None` without one; the other
+/// members are skipped. What an earlier duplicate wrote is dropped: the last one wins, as in a
+/// `serde_json::Value`.
+fn last_member<'de, A: MapAccess<'de>, T>(
+    writer: &mut Writer<'de>,
+    name: &str,
+    mut map: A,
+    mut take: impl FnMut(&mut A, &mut Writer<'de>) -> Result<T, A::Error>,
+) -> Result<Option<T>, A::Error> {
     let start = writer.out.len();
     let mut found = None;
     while let Some(hit) = map.next_key_seed(Key(|key: &str| key == name))? {
@@ -319,7 +334,7 @@ fn member<'de, A: MapAccess<'de>>(
             continue;
         }
         writer.out.truncate(start);
-        found = map.next_value_seed(Apply { writer, plan })?;
+        found = Some(take(&mut map, writer)?);
     }
     Ok(found)
 }
@@ -409,33 +424,17 @@ impl<'de> Visitor<'de> for Select<'_, 'de> {
         f.write_str("a JSON value")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
         let Select { writer, path, plan } = self;
         let (name, rest) = match path.split_once('.') {
             Some((name, rest)) => (name, Some(rest)),
             None => (path, None),
         };
-        let start = writer.out.len();
-        let mut found = None;
-        while let Some(hit) = map.next_key_seed(Key(|key: &str| key == name))? {
-            if !hit {
-                map.next_value::<IgnoredAny>()?;
-                continue;
-            }
-            writer.out.truncate(start);
-            found = match rest {
-                None => Some(map.next_value_seed(Apply {
-                    writer: &mut *writer,
-                    plan,
-                })?),
-                Some(path) => map.next_value_seed(Select {
-                    writer: &mut *writer,
-                    path,
-                    plan,
-                })?,
-            };
-        }
-        Ok(found)
+        let found = last_member(writer, name, map, |map, writer| match rest {
+            None => map.next_value_seed(Apply { writer, plan }).map(Some),
+            Some(path) => map.next_value_seed(Select { writer, path, plan }),
+        })?;
+        Ok(found.flatten())
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
