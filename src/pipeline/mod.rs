@@ -62,6 +62,8 @@ pub async fn handle(
             };
             ctx.params = params;
             ctx.route = Some(route.clone());
+            // Only a route's own upstream calls carry it; the fall-through passes the client's.
+            ctx.traceparent = edge::traceparent(&request.headers, &ctx.trace_id);
             match auth::authenticate(&policy, &route, &session.req_header().headers).await {
                 Ok(Principal::Anonymous) => {}
                 Ok(Principal::Token(claims)) => ctx.claims = Some(claims),

@@ -13,15 +13,15 @@ pub fn finish(
     metrics: &Metrics,
     error: Option<&pingora::Error>,
 ) {
-    let status = session.response_written().map_or(0, |r| r.status.as_u16());
+    let status = session.response_written().map(|r| r.status);
     let route = ctx.route_label();
     let client = ctx.policy.client.as_str();
     let elapsed = ctx.started.elapsed();
     // Status 0: the connection failed before any response was written.
-    let status_label = status.to_string();
+    let status_label = status.as_ref().map_or("0", http::StatusCode::as_str);
     metrics
         .requests_total
-        .with_label_values(&[client, route, status_label.as_str()])
+        .with_label_values(&[client, route, status_label])
         .inc();
     metrics
         .request_duration_seconds
@@ -38,7 +38,7 @@ pub fn finish(
         method = %request.method,
         path = %request.uri.path(),
         route,
-        status,
+        status = status.map_or(0, |s| s.as_u16()),
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         error = error.map(|e| e.etype().as_str()),
         "request"

@@ -82,9 +82,7 @@ impl ProxyHttp for Bff {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        let headers = &session.req_header().headers;
-        ctx.trace_id = edge::trace_id(headers);
-        ctx.traceparent = edge::traceparent(headers, &ctx.trace_id);
+        ctx.trace_id = edge::trace_id(&session.req_header().headers);
         Ok(())
     }
 
