@@ -373,6 +373,26 @@ struct Subject<'a> {
     bff_pid: Option<u32>,
 }
 
+impl<'a> Subject<'a> {
+    /// bff under `load`: its peak RSS is reported.
+    fn bff(name: impl Into<String>, load: Load<'a>, pid: u32) -> Subject<'a> {
+        Subject {
+            name: name.into(),
+            load,
+            bff_pid: Some(pid),
+        }
+    }
+
+    /// A peer (nginx, bare Pingora, an upstream called directly).
+    fn peer(name: impl Into<String>, load: Load<'a>) -> Subject<'a> {
+        Subject {
+            name: name.into(),
+            load,
+            bff_pid: None,
+        }
+    }
+}
+
 struct Measured {
     name: String,
     rps: f64,
@@ -623,16 +643,12 @@ fn main() {
     let measured = compare(
         &settings,
         &[
-            Subject {
-                name: "bff homescreen (3 fetches), cache off".into(),
-                load: load(home, Some(token)),
-                bff_pid: Some(bff_pid),
-            },
-            Subject {
-                name: "direct to the user service".into(),
-                load: load(direct, None),
-                bff_pid: None,
-            },
+            Subject::bff(
+                "bff homescreen (3 fetches), cache off",
+                load(home, Some(token)),
+                bff_pid,
+            ),
+            Subject::peer("direct to the user service", load(direct, None)),
         ],
     );
     let ratio = measured[0].rps / measured[1].rps;
@@ -657,21 +673,16 @@ fn main() {
         let measured = compare(
             &settings,
             &[
-                Subject {
-                    name: format!("bff homescreen, deps {}/{}/{d} ms", d / 4, d / 2),
-                    load: load(url, Some(token)),
-                    bff_pid: Some(bff_pid),
-                },
-                Subject {
-                    name: format!("direct to the slowest ({d} ms)"),
-                    load: load(slowest, None),
-                    bff_pid: None,
-                },
-                Subject {
-                    name: "bare Pingora in front of the slowest".into(),
-                    load: load(hop, None),
-                    bff_pid: None,
-                },
+                Subject::bff(
+                    format!("bff homescreen, deps {}/{}/{d} ms", d / 4, d / 2),
+                    load(url, Some(token)),
+                    bff_pid,
+                ),
+                Subject::peer(
+                    format!("direct to the slowest ({d} ms)"),
+                    load(slowest, None),
+                ),
+                Subject::peer("bare Pingora in front of the slowest", load(hop, None)),
             ],
         );
         let (p50, p99) = (
@@ -708,16 +719,12 @@ fn main() {
     let measured = compare(
         &settings,
         &[
-            Subject {
-                name: "bff homescreen, cache hit".into(),
-                load: load(hit_url.clone(), Some(token)),
-                bff_pid: Some(bff_pid),
-            },
-            Subject {
-                name: "nginx static, the same JSON".into(),
-                load: load(static_url, None),
-                bff_pid: None,
-            },
+            Subject::bff(
+                "bff homescreen, cache hit",
+                load(hit_url.clone(), Some(token)),
+                bff_pid,
+            ),
+            Subject::peer("nginx static, the same JSON", load(static_url, None)),
         ],
     );
     let ratio = measured[0].rps / measured[1].rps;
@@ -744,21 +751,9 @@ fn main() {
     let measured = compare(
         &settings,
         &[
-            Subject {
-                name: "bff fall-through".into(),
-                load: load(through.clone(), None),
-                bff_pid: Some(bff_pid),
-            },
-            Subject {
-                name: "bare Pingora proxy".into(),
-                load: load(bare, None),
-                bff_pid: None,
-            },
-            Subject {
-                name: "nginx proxy_pass (keep-alive)".into(),
-                load: load(nginx_pp, None),
-                bff_pid: None,
-            },
+            Subject::bff("bff fall-through", load(through.clone(), None), bff_pid),
+            Subject::peer("bare Pingora proxy", load(bare, None)),
+            Subject::peer("nginx proxy_pass (keep-alive)", load(nginx_pp, None)),
         ],
     );
     let (vs_bare, vs_nginx) = (
@@ -800,16 +795,16 @@ fn main() {
     let measured = compare(
         &settings,
         &[
-            Subject {
-                name: "bff proxy route, projected".into(),
-                load: load(projected_url, None),
-                bff_pid: Some(bff_pid),
-            },
-            Subject {
-                name: "bff fall-through, same document".into(),
-                load: load(through, None),
-                bff_pid: Some(bff_pid),
-            },
+            Subject::bff(
+                "bff proxy route, projected",
+                load(projected_url, None),
+                bff_pid,
+            ),
+            Subject::bff(
+                "bff fall-through, same document",
+                load(through, None),
+                bff_pid,
+            ),
         ],
     );
     let ratio = measured[0].rps / measured[1].rps;
