@@ -600,7 +600,7 @@ fn main() {
         docs = docs.display()
     );
     let _peers = Nginx::start(dir.path(), "peers", &peers);
-    let _bare = start_bare_pingora(&bare_pingora, bare_port, app_port);
+    let _bare = start_bare_pingora(&bare_pingora, bare_port, app_port, settings.bff_threads);
     for (port, what) in [
         (static_port, "nginx static"),
         (proxy_pass_port, "nginx proxy_pass"),
@@ -666,7 +666,12 @@ fn main() {
         check(&slowest, None);
         // What any Pingora hop costs in latency here: the floor under bff's overhead.
         let hop_port = new_port();
-        let _hop = start_bare_pingora(&bare_pingora, hop_port, port("reco", d));
+        let _hop = start_bare_pingora(
+            &bare_pingora,
+            hop_port,
+            port("reco", d),
+            settings.bff_threads,
+        );
         wait_for_port(hop_port, "bare Pingora");
         let hop = format!("http://127.0.0.1:{hop_port}/users/{SUB}");
         check(&hop, None);
@@ -968,13 +973,14 @@ fn bare_pingora_binary() -> PathBuf {
     path
 }
 
-/// The bare Pingora proxy on `port`, forwarding to `upstream`, with one worker thread as bff.
-fn start_bare_pingora(binary: &Path, port: u16, upstream: u16) -> Process {
+/// The bare Pingora proxy on `port`, forwarding to `upstream`, with as many worker threads as
+/// bff is given.
+fn start_bare_pingora(binary: &Path, port: u16, upstream: u16, threads: usize) -> Process {
     Process(
         Command::new(binary)
             .arg(format!("127.0.0.1:{port}"))
             .arg(format!("127.0.0.1:{upstream}"))
-            .arg("1")
+            .arg(threads.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
