@@ -62,8 +62,6 @@ pub async fn handle(
             };
             ctx.params = params;
             ctx.route = Some(route.clone());
-            // Only a route's own upstream calls carry it; the fall-through passes the client's.
-            ctx.traceparent = edge::traceparent(&request.headers, &ctx.trace_id);
             match auth::authenticate(&policy, &route, &session.req_header().headers).await {
                 Ok(Principal::Anonymous) => {}
                 Ok(Principal::Token(claims)) => ctx.claims = Some(claims),
@@ -76,6 +74,8 @@ pub async fn handle(
             if rate_limit::refused(session, ctx, shared).await? {
                 return Ok(true);
             }
+            // Only a route's own upstream calls carry it; the fall-through passes the client's.
+            ctx.traceparent = edge::traceparent(&session.req_header().headers, &ctx.trace_id);
             match &route.action {
                 Action::Proxy(target) => {
                     proxy_route::serve(session, ctx, shared, &route, target).await?
