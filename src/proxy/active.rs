@@ -8,12 +8,14 @@ use crate::metrics::Metrics;
 use crate::pipeline::auth::{ApiKeys, Verifier};
 use crate::pipeline::rate_limit::RateLimits;
 use crate::policy::Policy;
-use crate::upstream::Upstreams;
+use crate::upstream::{AppPeer, Upstreams};
 
 pub struct Active {
     pub policy: Policy,
     /// One client stack per upstream, shared by every route.
     pub upstreams: Upstreams,
+    /// Where unmatched requests are proxied, when the policy has a `fallthrough`.
+    pub app: Option<AppPeer>,
     /// Verifies client tokens when the policy has `auth.jwt`.
     pub verifier: Option<Arc<Verifier>>,
     /// Knows the partners' keys when the policy has `auth.api_key`.
@@ -28,6 +30,7 @@ impl Active {
     /// limit that did not change.
     pub fn new(policy: Policy, metrics: &Arc<Metrics>, previous: Option<&Active>) -> Active {
         let upstreams = Upstreams::build(&policy, metrics);
+        let app = policy.fallthrough.clone().map(AppPeer::new);
         let auth = policy.auth.as_ref();
         let verifier = auth.and_then(|a| a.jwt.as_ref()).map(|jwt| {
             previous
@@ -40,6 +43,7 @@ impl Active {
         Active {
             policy,
             upstreams,
+            app,
             verifier,
             api_keys,
             rate_limits,

@@ -112,13 +112,13 @@ impl ProxyHttp for Bff {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
-        let Some(app) = ctx.fallthrough.clone() else {
+        let Some(app) = ctx.fallthrough.as_ref().and(ctx.policy.app.as_ref()) else {
             return Err(pingora::Error::explain(
                 pingora::ErrorType::InternalError,
                 "no upstream chosen for this request",
             ));
         };
-        upstream::app_peer(&app)
+        app.peer()
             .await
             .map(Box::new)
             .map_err(|e| pingora::Error::explain(pingora::ErrorType::ConnectError, e.to_string()))

@@ -22,7 +22,7 @@ mod retry;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -372,20 +372,67 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The app's peer for Pingora's proxy: address resolved without blocking a worker on DNS.
+/// How long a looked-up address of the app is used before it is looked up again.
+const APP_LOOKUP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The app's peer for Pingora's proxy, one per policy. A host name is looked up without
+/// blocking a worker and at most once per `APP_LOOKUP_INTERVAL`: a lookup per request (a
+/// blocking-pool hop to getaddrinfo) halved the fall-through's throughput to `localhost`.
+/// When a lookup fails, the last address found serves until the next try.
 /// No read timeout, so long-lived streams (SSE, WebSocket) are not cut.
-pub async fn app_peer(upstream: &Upstream) -> Result<HttpPeer, CallError> {
-    let address = resolve(upstream).await?;
-    let mut peer = HttpPeer::new(address, false, String::new());
-    peer.options.connection_timeout = Some(upstream.timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
-    peer.options.idle_timeout = Some(IDLE_TIMEOUT);
-    Ok(peer)
+pub struct AppPeer {
+    upstream: Arc<Upstream>,
+    address: AppAddress,
+}
+
+enum AppAddress {
+    /// The url names an IP address: nothing to look up, ever.
+    Literal(SocketAddr),
+    /// The last address found for the host name and when; `None` until a lookup succeeds.
+    Named(Mutex<Option<(SocketAddr, Instant)>>),
+}
+
+impl AppPeer {
+    pub fn new(upstream: Arc<Upstream>) -> Self {
+        let address = match upstream.host.parse() {
+            Ok(ip) => AppAddress::Literal(SocketAddr::new(ip, upstream.port)),
+            Err(_) => AppAddress::Named(Mutex::new(None)),
+        };
+        AppPeer { upstream, address }
+    }
+
+    pub async fn peer(&self) -> Result<HttpPeer, CallError> {
+        let address = match &self.address {
+            AppAddress::Literal(address) => *address,
+            AppAddress::Named(found) => self.look_up(found).await?,
+        };
+        let mut peer = HttpPeer::new(address, false, String::new());
+        peer.options.connection_timeout =
+            Some(self.upstream.timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
+        peer.options.idle_timeout = Some(IDLE_TIMEOUT);
+        Ok(peer)
+    }
+
+    async fn look_up(
+        &self,
+        found: &Mutex<Option<(SocketAddr, Instant)>>,
+    ) -> Result<SocketAddr, CallError> {
+        let last = *found.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((address, at)) = last {
+            if at.elapsed() < APP_LOOKUP_INTERVAL {
+                return Ok(address);
+            }
+        }
+        let address = match (resolve(&self.upstream).await, last) {
+            (Ok(address), _) | (Err(_), Some((address, _))) => address,
+            (Err(e), None) => return Err(e),
+        };
+        *found.lock().unwrap_or_else(PoisonError::into_inner) = Some((address, Instant::now()));
+        Ok(address)
+    }
 }
 
 async fn resolve(upstream: &Upstream) -> Result<SocketAddr, CallError> {
-    if let Ok(ip) = upstream.host.parse() {
-        return Ok(SocketAddr::new(ip, upstream.port));
-    }
     let fail = |reason: String| {
         warn!(upstream = %upstream.name, %reason, "cannot resolve upstream");
         CallError {
@@ -393,10 +440,15 @@ async fn resolve(upstream: &Upstream) -> Result<SocketAddr, CallError> {
             failure: Failure::Connect(reason),
         }
     };
-    let mut found = tokio::net::lookup_host((upstream.host.as_str(), upstream.port))
+    let found: Vec<SocketAddr> = tokio::net::lookup_host((upstream.host.as_str(), upstream.port))
         .await
-        .map_err(|e| fail(format!("DNS: {e}")))?;
-    found.next().ok_or_else(|| fail("DNS: no address".into()))
+        .map_err(|e| fail(format!("DNS: {e}")))?
+        .collect();
+    // `localhost` often names ::1 first, where an app listening on 0.0.0.0 is not.
+    let ipv4 = found.iter().find(|a| a.is_ipv4());
+    ipv4.or(found.first())
+        .copied()
+        .ok_or_else(|| fail("DNS: no address".into()))
 }
 
 /// The client-facing code for a Pingora error on the way to or from the app.
@@ -411,5 +463,67 @@ pub fn code_for(error: &Error) -> ErrorCode {
         | ErrorType::SocketError
         | ErrorType::BindError => ErrorCode::DependencyUnavailable,
         _ => ErrorCode::BadUpstreamResponse,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app_of(url: &str) -> Arc<Upstream> {
+        let yaml = format!(
+            "client: web\nupstreams:\n  app: {{ url: \"{url}\" }}\nroutes: []\nfallthrough: app\n"
+        );
+        let policy = Policy::from_yaml(&yaml, std::path::Path::new("test.yaml")).expect("policy");
+        policy.fallthrough.clone().expect("fallthrough")
+    }
+
+    /// Puts `address`, found `age` ago, in a named app's lookup cache.
+    fn seed(app: &AppPeer, address: &str, age: Duration) {
+        let AppAddress::Named(found) = &app.address else {
+            panic!("not a named host")
+        };
+        *found.lock().unwrap() = Some((address.parse().unwrap(), Instant::now() - age));
+    }
+
+    async fn address_of(app: &AppPeer) -> Result<String, CallError> {
+        app.peer().await.map(|peer| peer._address.to_string())
+    }
+
+    #[tokio::test]
+    async fn an_ip_literal_is_used_as_it_is() {
+        let app = AppPeer::new(app_of("http://127.0.0.1:8081"));
+        assert!(matches!(app.address, AppAddress::Literal(_)));
+        assert_eq!(address_of(&app).await.unwrap(), "127.0.0.1:8081");
+    }
+
+    #[tokio::test]
+    async fn a_host_name_is_looked_up_once_per_interval() {
+        let app = AppPeer::new(app_of("http://localhost:8081"));
+        assert_eq!(address_of(&app).await.unwrap(), "127.0.0.1:8081");
+        // Within the interval the address found is used, whatever DNS would say now.
+        seed(&app, "10.9.8.7:8081", Duration::ZERO);
+        assert_eq!(address_of(&app).await.unwrap(), "10.9.8.7:8081");
+        // Past it, the host is looked up again.
+        seed(
+            &app,
+            "10.9.8.7:8081",
+            APP_LOOKUP_INTERVAL + Duration::from_secs(1),
+        );
+        assert_eq!(address_of(&app).await.unwrap(), "127.0.0.1:8081");
+    }
+
+    #[tokio::test]
+    async fn a_failed_lookup_keeps_the_last_address_and_names_the_upstream_without_one() {
+        let app = AppPeer::new(app_of("http://no-such-host.invalid:8081"));
+        let error = address_of(&app).await.unwrap_err();
+        assert_eq!(error.upstream, "app");
+        assert!(matches!(error.failure, Failure::Connect(ref reason) if reason.starts_with("DNS")));
+        seed(
+            &app,
+            "10.9.8.7:8081",
+            APP_LOOKUP_INTERVAL + Duration::from_secs(1),
+        );
+        assert_eq!(address_of(&app).await.unwrap(), "10.9.8.7:8081");
     }
 }

@@ -8,9 +8,12 @@ use tokio::io::AsyncWriteExt;
 use crate::support::{http, raw, write_policy, Bff, MockReply, MockServer, TempPolicy};
 
 async fn start(app: &MockServer) -> (Bff, TempPolicy) {
+    start_at(&app.url()).await
+}
+
+async fn start_at(app_url: &str) -> (Bff, TempPolicy) {
     let file = write_policy(&format!(
-        "client: web\nupstreams:\n  app: {{ url: \"{}\" }}\nroutes: []\nfallthrough: app\n",
-        app.url()
+        "client: web\nupstreams:\n  app: {{ url: \"{app_url}\" }}\nroutes: []\nfallthrough: app\n"
     ));
     (Bff::start(file.path()).await, file)
 }
@@ -127,4 +130,15 @@ async fn websocket_upgrades_work_through() {
         let echoed = raw::read_until(&mut conn, message).await;
         assert!(echoed.ends_with(message));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_named_by_host_name_is_reached() {
+    let app = echo_app();
+    let (bff, _file) = start_at(&format!("http://localhost:{}", app.addr().port())).await;
+    for _ in 0..3 {
+        let reply = http::send("POST", &bff.url("/named"), &[], "hi").await;
+        assert_eq!((reply.status, &reply.body[..]), (201, &b"hi"[..]));
+    }
+    assert_eq!(app.requests().len(), 3);
 }
