@@ -130,11 +130,9 @@ impl ProxyHttp for Bff {
         request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        // The app receives the request unchanged, plus the trace id it will be logged under.
-        if request.headers.get(edge::TRACE_HEADER).is_none() {
-            request.insert_header(edge::TRACE_HEADER, ctx.trace_id.as_str())?;
-        }
-        Ok(())
+        // The app receives the request unchanged but for `X-Trace-Id`: the trace id the request
+        // is logged under, which replaces a client's malformed one.
+        request.insert_header(edge::TRACE_HEADER, ctx.trace_id.as_str())
     }
 
     async fn response_filter(

@@ -142,3 +142,33 @@ async fn an_app_named_by_host_name_is_reached() {
     }
     assert_eq!(app.requests().len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_gets_the_trace_id_the_request_is_logged_under() {
+    let app = echo_app();
+    let (bff, _file) = start(&app).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    // The client's trace headers, and the trace id expected (`None`: a new one).
+    type Case<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>);
+    let cases: [Case; 4] = [
+        (&[("x-trace-id", "req-42")], Some("req-42")),
+        (
+            &[("traceparent", traceparent), ("x-trace-id", "req-42")],
+            Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+        ),
+        // A malformed id is replaced, not passed on beside another one in the logs.
+        (&[("x-trace-id", "<script>")], None),
+        (&[], None),
+    ];
+    for (headers, expected) in cases {
+        let reply = http::send("GET", &bff.url("/t"), headers, "").await;
+        let answered = reply.header("x-trace-id").expect("X-Trace-Id").to_string();
+        let seen = app.requests().pop().expect("app got the request");
+        let sent: Vec<_> = seen.headers.get_all("x-trace-id").iter().collect();
+        assert_eq!(sent, [answered.as_str()], "{headers:?}");
+        match expected {
+            Some(id) => assert_eq!(answered, id, "{headers:?}"),
+            None => assert_eq!(answered.len(), 32, "{headers:?}: {answered}"),
+        }
+    }
+}
