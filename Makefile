@@ -1,7 +1,7 @@
 # bff: `make demo` runs the sidecar on built-in mocks, `make test` runs every test.
 # Both install what a fresh Debian machine lacks (cmake for Pingora's zlib-ng, redis-server
 # for the cache tests, kubectl, promtool and kubernetes-validate for deploy/k8s, nginx with its
-# echo module and wrk for the load benchmark) with apt-get and pip, only when missing.
+# echo module, wrk and valgrind for the load benchmark) with apt-get and pip, only when missing.
 
 CARGO ?= cargo
 APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
@@ -44,9 +44,10 @@ build-deps:
 
 # The load benchmark's peers and load generator; `make test` runs it once as a smoke test.
 load-deps:
-	@command -v nginx >/dev/null && [ -f /usr/lib/nginx/modules/ngx_http_echo_module.so ] && command -v wrk >/dev/null || { \
-	  echo "installing nginx, its echo module and wrk for the load benchmark"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) nginx libnginx-mod-http-echo wrk; }
+	@command -v nginx >/dev/null && [ -f /usr/lib/nginx/modules/ngx_http_echo_module.so ] && command -v wrk >/dev/null \
+	  && command -v callgrind_control >/dev/null || { \
+	  echo "installing nginx, its echo module, wrk and valgrind for the load benchmark"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) nginx libnginx-mod-http-echo wrk valgrind; }
 
 # Debian ships redis-cli in redis-tools (a dependency of redis-server; named anyway: the cluster tests
 # join their nodes with it).

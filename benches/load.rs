@@ -8,7 +8,7 @@
 //!    latency overhead over the slowest dependency with 20, 40 and 60 ms injected;
 //! 2. the same route, cache hit, against nginx serving the same final JSON from a file;
 //! 3. fall-through pass-through against nginx `proxy_pass` (upstream keep-alive) and bare
-//!    Pingora;
+//!    Pingora, and with the app named `localhost` against the same app at 127.0.0.1;
 //! 4. a `proxy` route with projection against the same document passed through unprojected.
 //!
 //! Plus bff's footprint: RSS idle, peak RSS under 1,000 connections, start to ready. Prints a
@@ -34,7 +34,7 @@ use support::{bff_run, free_port, Process};
 
 const ECHO_MODULE: &str = "/usr/lib/nginx/modules/ngx_http_echo_module.so";
 const INSTALL_HINT: &str =
-    "install them with `apt-get install nginx libnginx-mod-http-echo wrk` (`make bench` does)";
+    "install them with `apt-get install nginx libnginx-mod-http-echo wrk valgrind` (`make bench` does)";
 /// Delays injected for the overhead part of scenario 1; each route's three dependencies wait
 /// a quarter, a half and all of it.
 const DELAYS_MS: [u64; 3] = [20, 40, 60];
@@ -274,6 +274,7 @@ fn reset_peak_rss(pid: u32) {
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Sample {
+    requests: u64,
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -333,7 +334,13 @@ fn wrk(load: &Load<'_>) -> Sample {
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("wrk {}: no Requests/sec in:\n{text}", load.url));
+    let requests = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("wrk {}: no request count in:\n{text}", load.url));
     Sample {
+        requests,
         rps,
         p50_ms: percentile("50%"),
         p99_ms: percentile("99%"),
@@ -493,7 +500,7 @@ impl Report {
 
 fn main() {
     let settings = Settings::from_env();
-    for tool in ["nginx", "wrk"] {
+    for tool in ["nginx", "wrk", "valgrind", "callgrind_control"] {
         require(tool);
     }
     assert!(
@@ -753,14 +760,43 @@ fn main() {
     for url in [&nginx_pp, &bare] {
         assert_eq!(check(url, None), passed, "{url}");
     }
+    // The same policy with the app named `localhost`, as a pod names the container beside it:
+    // a host name must not cost a DNS lookup per request.
+    let named_policy = dir.path().join("bench-named-app.yaml");
+    let by_ip = format!("\"http://127.0.0.1:{app_port}\"");
+    let policy_text = policy(&jwks, &port, app_port);
+    assert!(
+        policy_text.contains(&by_ip),
+        "the bench policy names the app by {by_ip}"
+    );
+    std::fs::write(
+        &named_policy,
+        policy_text.replace(&by_ip, &format!("\"http://localhost:{app_port}\"")),
+    )
+    .unwrap_or_else(|e| panic!("write policy: {e}"));
+    let (named_listen, named_admin) = (new_port(), new_port());
+    let named_bff = start_bff(
+        &named_policy,
+        named_listen,
+        named_admin,
+        settings.bff_threads,
+    );
+    let named = format!("http://127.0.0.1:{named_listen}/app/orders/o-1001");
+    assert_eq!(check(&named, None), passed, "{named}");
     let measured = compare(
         &settings,
         &[
             Subject::bff("bff fall-through", load(through.clone(), None), bff_pid),
             Subject::peer("bare Pingora proxy", load(bare, None)),
             Subject::peer("nginx proxy_pass (keep-alive)", load(nginx_pp, None)),
+            Subject::bff(
+                "bff fall-through, app at localhost",
+                load(named, None),
+                named_bff.0.id(),
+            ),
         ],
     );
+    drop(named_bff);
     let (vs_bare, vs_nginx) = (
         measured[0].rps / measured[1].rps,
         measured[0].rps / measured[2].rps,
@@ -771,6 +807,10 @@ fn main() {
         &[
             ("req/s bff / bare Pingora", vs_bare),
             ("req/s bff / nginx proxy_pass", vs_nginx),
+            (
+                "req/s app at localhost / at 127.0.0.1",
+                measured[3].rps / measured[0].rps,
+            ),
         ],
     );
     report.target(
@@ -786,6 +826,36 @@ fn main() {
         true,
         0.8,
         "x",
+    );
+
+    // The same fall-through counted in instructions, which this noisy machine cannot blur.
+    let app_path = "/app/orders/o-1001";
+    let threads = settings.bff_threads;
+    let (listen, admin) = (new_port(), new_port());
+    let out = dir.path().join("callgrind.bff");
+    let counted_bff = under_callgrind(&bff_command(&policy_path, listen, admin, threads), &out);
+    wait_ready(admin, Duration::from_millis(20));
+    let url = format!("http://127.0.0.1:{listen}{app_path}");
+    let bff_instructions = instructions_per_request(&counted_bff, &out, &url, settings.seconds);
+    drop(counted_bff);
+    let port = new_port();
+    let out = dir.path().join("callgrind.bare");
+    let counted_bare = under_callgrind(
+        &bare_pingora_command(&bare_pingora, port, app_port, threads),
+        &out,
+    );
+    wait_for_port(port, "bare Pingora under callgrind");
+    let url = format!("http://127.0.0.1:{port}{app_path}");
+    let bare_instructions = instructions_per_request(&counted_bare, &out, &url, settings.seconds);
+    drop(counted_bare);
+    let instructions_ratio = bff_instructions / bare_instructions;
+    let _ = writeln!(
+        report.table,
+        "\ninstructions per fall-through request (callgrind, wrk -c8)\n  \
+         bff                                      {:>10.0}\n  \
+         bare Pingora proxy                       {:>10.0}\n  \
+         instructions bff / bare Pingora          {instructions_ratio:>10.3}",
+        bff_instructions, bare_instructions
     );
 
     // 4. A proxy route with projection against the same document unprojected.
@@ -921,6 +991,8 @@ fn main() {
                          "cores": std::thread::available_parallelism().map_or(0, |n| n.get())},
             "scenarios": report.scenarios,
             "projection": micro,
+            "fallthrough_instructions_per_request": {"bff": round(bff_instructions, 0),
+                "bare_pingora": round(bare_instructions, 0), "ratio": round(instructions_ratio, 3)},
             "footprint": {"rss_idle_mib": round(idle, 1), "peak_rss_1000_connections_mib": round(peak_1000, 1),
                           "start_to_ready_ms": round(start, 1)},
             "targets": report.targets,
@@ -975,17 +1047,94 @@ fn bare_pingora_binary() -> PathBuf {
 
 /// The bare Pingora proxy on `port`, forwarding to `upstream`, with as many worker threads as
 /// bff is given.
+fn bare_pingora_command(binary: &Path, port: u16, upstream: u16, threads: usize) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(format!("127.0.0.1:{upstream}"))
+        .arg(threads.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
 fn start_bare_pingora(binary: &Path, port: u16, upstream: u16, threads: usize) -> Process {
     Process(
-        Command::new(binary)
-            .arg(format!("127.0.0.1:{port}"))
-            .arg(format!("127.0.0.1:{upstream}"))
-            .arg(threads.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        bare_pingora_command(binary, port, upstream, threads)
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", binary.display())),
     )
+}
+
+/// `proxy` started under valgrind's callgrind, its counts written to `out` and `out.N`.
+fn under_callgrind(proxy: &Command, out: &Path) -> Process {
+    let mut command = Command::new("valgrind");
+    command
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(proxy.get_program())
+        .args(proxy.get_args())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (key, value) in proxy.get_envs() {
+        if let Some(value) = value {
+            command.env(key, value);
+        }
+    }
+    Process(
+        command
+            .spawn()
+            .unwrap_or_else(|e| panic!("start valgrind: {e}; {INSTALL_HINT}")),
+    )
+}
+
+/// Instructions one request to `url` costs a proxy started by `under_callgrind`: unlike req/s,
+/// the count repeats whatever else the machine is doing, so a few percent of difference shows.
+/// The counters are zeroed after a warm-up and dumped after `wrk`: starting up is not counted.
+fn instructions_per_request(proxy: &Process, out: &Path, url: &str, seconds: u64) -> f64 {
+    let load = |seconds| Load {
+        url: url.to_string(),
+        token: None,
+        connections: 8,
+        threads: 1,
+        seconds,
+    };
+    wrk(&load(1));
+    let control = |command: &str| {
+        let status = Command::new("callgrind_control")
+            .args([command, &proxy.0.id().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| panic!("run callgrind_control: {e}; {INSTALL_HINT}"));
+        assert!(
+            status.success(),
+            "callgrind_control {command} ({url}) failed"
+        );
+    };
+    control("--zero");
+    let measured = wrk(&load(seconds));
+    control("--dump");
+    // The first dump after the start is `<out>.1`; its `summary:` line totals the events.
+    let dump = PathBuf::from(format!("{}.1", out.display()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let instructions = loop {
+        let summary = std::fs::read_to_string(&dump).ok().and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("summary:"))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        if let Some(total) = summary {
+            break total;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no callgrind dump {}",
+            dump.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(measured.requests > 0, "{url}: no request under callgrind");
+    instructions / measured.requests as f64
 }
 
 /// The bench policy: one route per scenario, each fetch on the port of its (document, delay).
