@@ -1101,14 +1101,15 @@ fn instructions_per_request(proxy: &Process, out: &Path, url: &str, seconds: u64
     };
     wrk(&load(1));
     let control = |command: &str| {
-        let status = Command::new("callgrind_control")
+        let output = Command::new("callgrind_control")
             .args([command, &proxy.0.id().to_string()])
-            .stdout(Stdio::null())
-            .status()
+            .output()
             .unwrap_or_else(|e| panic!("run callgrind_control: {e}; {INSTALL_HINT}"));
         assert!(
-            status.success(),
-            "callgrind_control {command} ({url}) failed"
+            output.status.success(),
+            "callgrind_control {command} ({url}) failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
         );
     };
     control("--zero");
