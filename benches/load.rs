@@ -568,7 +568,7 @@ fn main() {
     // The sidecar: one process, one policy with a route per scenario.
     let jwks = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwt/jwks.json");
     let policy_path = dir.path().join("bench.yaml");
-    std::fs::write(&policy_path, policy(&jwks, &port, app_port))
+    std::fs::write(&policy_path, policy(&jwks, &port, "127.0.0.1", app_port))
         .unwrap_or_else(|e| panic!("write policy: {e}"));
     // Leaked: every wrk run of the whole bench borrows it.
     let token: &'static str = Box::leak(token().into_boxed_str());
@@ -763,17 +763,8 @@ fn main() {
     // The same policy with the app named `localhost`, as a pod names the container beside it:
     // a host name must not cost a DNS lookup per request.
     let named_policy = dir.path().join("bench-named-app.yaml");
-    let by_ip = format!("\"http://127.0.0.1:{app_port}\"");
-    let policy_text = policy(&jwks, &port, app_port);
-    assert!(
-        policy_text.contains(&by_ip),
-        "the bench policy names the app by {by_ip}"
-    );
-    std::fs::write(
-        &named_policy,
-        policy_text.replace(&by_ip, &format!("\"http://localhost:{app_port}\"")),
-    )
-    .unwrap_or_else(|e| panic!("write policy: {e}"));
+    std::fs::write(&named_policy, policy(&jwks, &port, "localhost", app_port))
+        .unwrap_or_else(|e| panic!("write policy: {e}"));
     let (named_listen, named_admin) = (new_port(), new_port());
     let named_bff = start_bff(
         &named_policy,
@@ -1138,12 +1129,13 @@ fn instructions_per_request(proxy: &Process, out: &Path, url: &str, seconds: u64
     instructions / measured.requests as f64
 }
 
-/// The bench policy: one route per scenario, each fetch on the port of its (document, delay).
-fn policy(jwks: &Path, port: &dyn Fn(&str, u64) -> u16, app_port: u16) -> String {
+/// The bench policy: one route per scenario, each fetch on the port of its (document, delay),
+/// the app (fall-through and proxy route) at `app_host:app_port`.
+fn policy(jwks: &Path, port: &dyn Fn(&str, u64) -> u16, app_host: &str, app_port: u16) -> String {
     let mut yaml = format!(
         "client: bench\n\
          auth:\n  jwt: {{ issuer: bench-issuer, audience: bench, algorithms: [ES256], jwks_file: \"{}\" }}\n\
-         upstreams:\n  app: {{ url: \"http://127.0.0.1:{app_port}\", timeout: 1s }}\n",
+         upstreams:\n  app: {{ url: \"http://{app_host}:{app_port}\", timeout: 1s }}\n",
         jwks.display()
     );
     let mut routes = String::from("routes:\n");
