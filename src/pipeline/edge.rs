@@ -156,7 +156,10 @@ mod tests {
     #[test]
     fn the_client_address_is_the_peer_unless_a_trusted_proxy_names_another() {
         let policy = ClientAddress {
-            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()],
+            trusted_proxies: vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ],
             ..ClientAddress::default()
         };
         let from = |peer: &str, lines: &[&str]| {
@@ -170,17 +173,26 @@ mod tests {
         // An untrusted peer's header is never read.
         assert_eq!(from("192.0.2.1", &["198.51.100.9"]), ip("192.0.2.1"));
         // The right-most untrusted hop, whatever the client wrote to its left.
-        assert_eq!(from("10.0.0.2", &["203.0.113.9, 198.51.100.9"]), ip("198.51.100.9"));
+        assert_eq!(
+            from("10.0.0.2", &["203.0.113.9, 198.51.100.9"]),
+            ip("198.51.100.9")
+        );
         assert_eq!(
             from("10.0.0.2", &["203.0.113.9", "198.51.100.9, 10.1.1.1"]),
             ip("198.51.100.9")
         );
         assert_eq!(from("10.0.0.2", &["198.51.100.9:4711"]), ip("198.51.100.9"));
-        assert_eq!(from("::ffff:10.0.0.2", &["[2001:db9::1]:80"]), ip("2001:db9::1"));
+        assert_eq!(
+            from("::ffff:10.0.0.2", &["[2001:db9::1]:80"]),
+            ip("2001:db9::1")
+        );
         // Every hop trusted: the left-most; none, or not an address: the last trusted one read.
         assert_eq!(from("10.0.0.2", &["10.9.9.9, 10.1.1.1"]), ip("10.9.9.9"));
         assert_eq!(from("10.0.0.2", &[]), ip("10.0.0.2"));
-        assert_eq!(from("10.0.0.2", &["198.51.100.9, bogus, 10.1.1.1"]), ip("10.1.1.1"));
+        assert_eq!(
+            from("10.0.0.2", &["198.51.100.9, bogus, 10.1.1.1"]),
+            ip("10.1.1.1")
+        );
         assert_eq!(client_address(None, &HeaderMap::new(), &policy), None);
         // No trusted proxies: the peer, always.
         let none = ClientAddress::default();

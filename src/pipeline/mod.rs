@@ -63,12 +63,12 @@ pub async fn handle(
             };
             ctx.params = params;
             ctx.route = Some(route.clone());
-            let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-            ctx.client_address = edge::client_address(
-                peer,
-                &session.req_header().headers,
-                &policy.client_address,
-            );
+            let peer = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            ctx.client_address =
+                edge::client_address(peer, &session.req_header().headers, &policy.client_address);
             if rate_limit::too_many_failures(session, ctx, shared).await? {
                 return Ok(true);
             }

@@ -17,9 +17,9 @@ use super::raw::{self, RawPolicy};
 use super::secrets;
 use super::template::{Template, Var};
 use super::{
-    Action, ApiKeyAuth, Auth, BreakerPolicy, CachePolicy, ClientAddress, Credential, CriticalFailure, Diagnostic,
-    Fetch, FetchCache, JwtAuth, KeySource, OAuth2Client, Policy, ProxyTarget, RateLimit,
-    RetryPolicy, Route, RouteAuth, SecretText, TlsPolicy, Upstream,
+    Action, ApiKeyAuth, Auth, BreakerPolicy, CachePolicy, ClientAddress, Credential,
+    CriticalFailure, Diagnostic, Fetch, FetchCache, JwtAuth, KeySource, OAuth2Client, Policy,
+    ProxyTarget, RateLimit, RetryPolicy, Route, RouteAuth, SecretText, TlsPolicy, Upstream,
 };
 use crate::pipeline::auth::ApiKeySet;
 use crate::pipeline::route::RouteTable;
@@ -262,7 +262,10 @@ fn compile_client_address(
     let header = match spec.header {
         Some(header) => {
             let name = HeaderName::from_bytes(header.value.as_bytes()).map_err(|_| {
-                format!("`client_address.header`: `{}` is not a header name", header.value)
+                format!(
+                    "`client_address.header`: `{}` is not a header name",
+                    header.value
+                )
             });
             diags.check(&header.referenced, name)
         }

@@ -348,7 +348,8 @@ impl Drop for Pending<'_> {
         if let Some(admission) = self.admission.take() {
             if Instant::now() >= self.deadline {
                 // Timed out: whoever asked, the upstream did not answer in time.
-                self.breaker.record(admission, Health::Down, &Identity::Unknown);
+                self.breaker
+                    .record(admission, Health::Down, &Identity::Unknown);
             } else {
                 self.breaker.release(admission);
             }

@@ -167,9 +167,7 @@ impl Failure {
             Failure::Status(_) | Failure::Transport(_) | Failure::BadBody(_) => Health::Failed,
             Failure::Connect(_) | Failure::Timeout(_) => Health::Down,
             // A token endpoint's failure says nothing of the upstream (and never reaches it).
-            Failure::Request(_) | Failure::CircuitOpen | Failure::Credential(_) => {
-                Health::Answered
-            }
+            Failure::Request(_) | Failure::CircuitOpen | Failure::Credential(_) => Health::Answered,
         }
     }
 }
