@@ -391,6 +391,51 @@ mod tests {
     }
 
     #[test]
+    fn failures_are_refused_beyond_the_burst_until_one_comes_back() {
+        // One failure back every 10 s, three at once.
+        let failed_auths = FailedAuths::new(limit(6, Duration::from_secs(60), 3));
+        let (here, there) = (
+            Identity::of_address("192.0.2.7".parse().ok()),
+            Identity::Unknown,
+        );
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(failed_auths.refused(&here, t0), None);
+            failed_auths.failed(&here, t0);
+        }
+        assert_eq!(
+            failed_auths.refused(&here, t0),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(failed_auths.refused(&there, t0), None);
+        let t1 = t0 + Duration::from_secs(4);
+        assert_eq!(
+            failed_auths.refused(&here, t1),
+            Some(Duration::from_secs(6))
+        );
+        let t2 = t0 + Duration::from_secs(10);
+        assert_eq!(failed_auths.refused(&here, t2), None, "one came back");
+        failed_auths.failed(&here, t2);
+        assert_eq!(
+            failed_auths.refused(&here, t2),
+            Some(Duration::from_secs(10))
+        );
+
+        failed_auths.sweep(t2 + Duration::from_secs(29));
+        assert_eq!(
+            failed_auths.full_at.read().unwrap().len(),
+            1,
+            "still refilling"
+        );
+        failed_auths.sweep(t2 + Duration::from_secs(30));
+        assert_eq!(
+            failed_auths.full_at.read().unwrap().len(),
+            0,
+            "full again: forgotten"
+        );
+    }
+
+    #[test]
     fn ipv6_clients_count_by_their_64_and_mapped_ipv4_as_ipv4() {
         let key = |text: &str| address_key(text.parse().unwrap());
         assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
