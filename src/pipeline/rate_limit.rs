@@ -37,8 +37,8 @@ pub enum Identity {
     Unknown,
 }
 
-/// The identity a request is limited as: the verified token's `sub` (any scalar, as the cache
-/// key takes it), else the API key's name, else the client's address.
+/// The identity a request is limited as: the verified token's `sub` (a string or a number, as
+/// cache keys take it), else the API key's name, else the client's address.
 pub fn identity(ctx: &RequestCtx) -> Identity {
     let subject = ctx
         .claims
@@ -143,7 +143,7 @@ impl FailedAuths {
     fn refused(&self, address: &Identity, now: Instant) -> Option<Duration> {
         let full_at = self.full_at.read().unwrap_or_else(PoisonError::into_inner);
         let until_full = full_at.get(address)?.checked_duration_since(now)?;
-        // Room for one more failure while the bucket is short of fewer than `burst`.
+        // One more failure fits while the bucket is at most `burst - 1` intervals from full.
         let room = self.limit.interval() * (self.limit.burst.get() - 1);
         until_full.checked_sub(room).filter(|wait| !wait.is_zero())
     }
