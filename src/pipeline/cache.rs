@@ -19,6 +19,7 @@ use rand::Rng;
 use super::assemble::Sections;
 use super::fanout::{self, RouteFailure};
 use super::inputs::Inputs;
+use super::rate_limit::Identity;
 use crate::cache::entry::now_ms;
 use crate::cache::{jittered, key, Cache, Entry, Failed, Freshness, Layer};
 use crate::metrics::Metrics;
@@ -40,6 +41,8 @@ pub struct Work {
     pub query: String,
     pub claims: Option<Arc<Claims>>,
     pub api_client: Option<Arc<str>>,
+    /// Who the request is, as its upstream calls' circuit breakers count it.
+    pub identity: Identity,
     pub trace_id: String,
     pub traceparent: Option<HeaderValue>,
     pub metrics: Arc<Metrics>,
@@ -56,6 +59,7 @@ impl Work {
             query: query.to_string(),
             claims: ctx.claims.clone(),
             api_client: ctx.api_client.clone(),
+            identity: super::rate_limit::identity(ctx),
             trace_id: ctx.trace_id.clone(),
             traceparent: ctx.traceparent.clone(),
             metrics: shared.metrics.clone(),
@@ -89,6 +93,7 @@ impl Work {
                 traceparent: self.traceparent.as_ref(),
                 claims: self.claims.as_ref(),
                 api_client: self.api_client.as_ref(),
+                identity: &self.identity,
             },
             metrics: &self.metrics,
             client: &self.active.client,

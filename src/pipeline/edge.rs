@@ -1,10 +1,14 @@
 //! The edge of the pipeline: the trace id every response carries, taken from W3C `traceparent`
 //! or `X-Trace-Id` when the client sent a well-formed one, generated otherwise; and the refusal
-//! of requests that already passed through a BFF.
+//! of requests that already passed through a BFF; and the client's address, which behind a
+//! trusted proxy is read from the proxy's header.
+
+use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderValue};
 use rand::Rng;
 
+use crate::policy::ClientAddress;
 use crate::upstream::BFF_CLIENT_HEADER;
 
 pub const TRACE_HEADER: &str = "x-trace-id";
@@ -13,6 +17,53 @@ pub const TRACE_HEADER: &str = "x-trace-id";
 /// BFF, and one BFF must never become another's dependency by accident.
 pub fn came_from_a_bff(headers: &HeaderMap) -> bool {
     headers.contains_key(BFF_CLIENT_HEADER)
+}
+
+/// The client's address: the TCP peer's, unless the peer is a trusted proxy. Then it is
+/// nginx's `real_ip_recursive`: the `header` addresses (an `X-Forwarded-For` list, every
+/// line of it, in order) are read from the right, each hop appended by a proxy, skipping the
+/// trusted ones; the first untrusted one is the client. When every address is trusted, the
+/// left-most is taken; an entry that is not an address stops the walk at the last one read,
+/// since a trusted proxy never writes one and whatever lies to its left is the client's to forge.
+pub fn client_address(
+    peer: Option<IpAddr>,
+    headers: &HeaderMap,
+    policy: &ClientAddress,
+) -> Option<IpAddr> {
+    let peer = peer?.to_canonical();
+    let trusted = |ip: &IpAddr| policy.trusted_proxies.iter().any(|net| net.contains(ip));
+    if !trusted(&peer) {
+        return Some(peer);
+    }
+    let mut found = peer;
+    let mut hops: Vec<&str> = headers
+        .get_all(&policy.header)
+        .iter()
+        .filter_map(|line| line.to_str().ok())
+        .flat_map(|line| line.split(','))
+        .map(str::trim)
+        .filter(|hop| !hop.is_empty())
+        .collect();
+    while let Some(hop) = hops.pop() {
+        let Some(ip) = hop_address(hop) else {
+            break;
+        };
+        found = ip;
+        if !trusted(&ip) {
+            break;
+        }
+    }
+    Some(found)
+}
+
+/// One hop of a forwarding header: an address, maybe with a port (`192.0.2.7:4711`,
+/// `[2001:db8::1]:4711`), as some proxies write it.
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    let ip = hop
+        .parse::<IpAddr>()
+        .or_else(|_| hop.parse::<SocketAddr>().map(|a| a.ip()))
+        .ok()?;
+    Some(ip.to_canonical())
 }
 
 /// The `traceparent` upstreams get: the client's own when it is well-formed, otherwise one
@@ -100,6 +151,54 @@ mod tests {
             h.insert(*k, v.parse().unwrap());
         }
         h
+    }
+
+    #[test]
+    fn the_client_address_is_the_peer_unless_a_trusted_proxy_names_another() {
+        let policy = ClientAddress {
+            trusted_proxies: vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ],
+            ..ClientAddress::default()
+        };
+        let from = |peer: &str, lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            for line in lines {
+                h.append("x-forwarded-for", line.parse().unwrap());
+            }
+            client_address(Some(peer.parse().unwrap()), &h, &policy).map(|ip| ip.to_string())
+        };
+        let ip = |text: &str| Some(text.to_string());
+        // An untrusted peer's header is never read.
+        assert_eq!(from("192.0.2.1", &["198.51.100.9"]), ip("192.0.2.1"));
+        // The right-most untrusted hop, whatever the client wrote to its left.
+        assert_eq!(
+            from("10.0.0.2", &["203.0.113.9, 198.51.100.9"]),
+            ip("198.51.100.9")
+        );
+        assert_eq!(
+            from("10.0.0.2", &["203.0.113.9", "198.51.100.9, 10.1.1.1"]),
+            ip("198.51.100.9")
+        );
+        assert_eq!(from("10.0.0.2", &["198.51.100.9:4711"]), ip("198.51.100.9"));
+        assert_eq!(
+            from("::ffff:10.0.0.2", &["[2001:db9::1]:80"]),
+            ip("2001:db9::1")
+        );
+        // Every hop trusted: the left-most; none, or not an address: the last trusted one read.
+        assert_eq!(from("10.0.0.2", &["10.9.9.9, 10.1.1.1"]), ip("10.9.9.9"));
+        assert_eq!(from("10.0.0.2", &[]), ip("10.0.0.2"));
+        assert_eq!(
+            from("10.0.0.2", &["198.51.100.9, bogus, 10.1.1.1"]),
+            ip("10.1.1.1")
+        );
+        assert_eq!(client_address(None, &HeaderMap::new(), &policy), None);
+        // No trusted proxies: the peer, always.
+        let none = ClientAddress::default();
+        let h = headers(&[("x-forwarded-for", "198.51.100.9")]);
+        let peer = "10.0.0.2".parse().ok();
+        assert_eq!(client_address(peer, &h, &none), peer);
     }
 
     #[test]

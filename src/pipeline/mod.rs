@@ -4,7 +4,8 @@
 //! → respond → observe;
 //! `proxy` routes take proxy_route instead of fanout and assemble. Auth follows routing because
 //! only matched routes need a token; rate limits follow auth because the verified credential
-//! names the identity they count.
+//! names the identity they count (the limit on failed authentications is asked just before
+//! auth, by client address).
 
 pub mod edge;
 pub mod route;
@@ -62,11 +63,21 @@ pub async fn handle(
             };
             ctx.params = params;
             ctx.route = Some(route.clone());
+            let peer = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            ctx.client_address =
+                edge::client_address(peer, &session.req_header().headers, &policy.client_address);
+            if rate_limit::too_many_failures(session, ctx, shared).await? {
+                return Ok(true);
+            }
             match auth::authenticate(&policy, &route, &session.req_header().headers).await {
                 Ok(Principal::Anonymous) => {}
                 Ok(Principal::Token(claims)) => ctx.claims = Some(claims),
                 Ok(Principal::ApiKey(name)) => ctx.api_client = Some(name),
                 Err(refusal) => {
+                    rate_limit::failed(ctx, &refusal);
                     refuse(session, ctx, shared, &refusal).await?;
                     return Ok(true);
                 }

@@ -82,6 +82,7 @@ async fn call(
     let client = upstreams
         .client(&target.upstream)
         .map_err(Failure::Upstream)?;
+    let identity = super::rate_limit::identity(ctx);
     let caller = Caller {
         route: &route.name,
         dependency: &target.upstream.name,
@@ -89,6 +90,7 @@ async fn call(
         traceparent: ctx.traceparent.as_ref(),
         claims: ctx.claims.as_ref(),
         api_client: ctx.api_client.as_ref(),
+        identity: &identity,
     };
     let call = Call {
         method,

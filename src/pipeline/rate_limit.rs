@@ -1,12 +1,14 @@
 //! Rate limits per client identity: the policy's `rate_limit`, one budget shared by every matched
 //! route, and a route's own `rate_limit` on top of it. Each is a GCRA bucket per identity
 //! (governor): the token's `sub`, the API key's name, or the client's address. A request over
-//! either limit is answered `RATE_LIMITED` 429 with `Retry-After`.
+//! either limit is answered `RATE_LIMITED` 429 with `Retry-After`. Also the limit on failed
+//! authentications per client address (`auth.failure_limit`), which keeps credentials from
+//! being guessed.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
@@ -15,16 +17,17 @@ use governor::{Quota, RateLimiter};
 use http::HeaderValue;
 use pingora::proxy::Session;
 
+use super::auth::{AuthFailure, Refusal};
 use super::respond;
 use crate::envelope::ErrorCode;
-use crate::policy::{Policy, RateLimit};
+use crate::policy::{Policy, RateLimit, RouteAuth};
 use crate::proxy::{RequestCtx, Shared};
 
-/// Who a request counts against. The variants keep a `sub` that looks like an address apart
-/// from that address.
+/// Who a request counts against, at rate limits and circuit breakers. The variants keep a
+/// `sub` that looks like an address apart from that address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Identity {
-    /// The verified token's `sub` claim.
+    /// The verified token's `sub` claim: a string, or a number as written.
     Subject(String),
     /// The name of the verified API key (`{auth.client}`).
     ApiClient(Arc<str>),
@@ -34,24 +37,29 @@ pub enum Identity {
     Unknown,
 }
 
-/// The identity a request is limited as: the verified token's `sub`, else the API key's name,
-/// else the client's address.
-pub fn identity(session: &Session, ctx: &RequestCtx) -> Identity {
+/// The identity a request is limited as: the verified token's `sub` (a string or a number, as
+/// cache keys take it), else the API key's name, else the client's address.
+pub fn identity(ctx: &RequestCtx) -> Identity {
     let subject = ctx
         .claims
-        .as_ref()
-        .and_then(|claims| claims.get("sub"))
-        .and_then(|sub| sub.as_str())
+        .as_deref()
+        .and_then(|claims| super::claim_value(claims, "sub"))
         .filter(|sub| !sub.is_empty());
     if let Some(sub) = subject {
-        return Identity::Subject(sub.to_string());
+        return Identity::Subject(sub.into_owned());
     }
     if let Some(name) = &ctx.api_client {
         return Identity::ApiClient(name.clone());
     }
-    match session.client_addr().and_then(|addr| addr.as_inet()) {
-        Some(addr) => Identity::Address(address_key(addr.ip())),
-        None => Identity::Unknown,
+    Identity::of_address(ctx.client_address)
+}
+
+impl Identity {
+    fn of_address(address: Option<IpAddr>) -> Identity {
+        match address {
+            Some(ip) => Identity::Address(address_key(ip)),
+            None => Identity::Unknown,
+        }
     }
 }
 
@@ -104,11 +112,55 @@ impl<C: Clock> Limiter<C> {
     }
 }
 
-/// The limiters of one policy: the policy's own and each route's, by route name.
+/// The limiters of one policy: the policy's own and each route's, by route name, and the
+/// failed authentications' when the policy has `auth`.
 #[derive(Default)]
 pub struct RateLimits {
     policy: Option<Arc<Limiter>>,
     routes: HashMap<String, Arc<Limiter>>,
+    failed_auths: Option<Arc<FailedAuths>>,
+}
+
+/// Failed authentications per client address, a GCRA bucket each. Once an address has spent
+/// its budget its credentials are not even checked, so a right guess cannot come through, until
+/// one failure comes back; whatever it presents meanwhile is answered 429. (governor cannot
+/// tell whether a bucket has room without spending it, hence the few lines of GCRA here.)
+pub struct FailedAuths {
+    limit: RateLimit,
+    /// Each address's theoretical arrival time: when its bucket is full again.
+    full_at: RwLock<HashMap<Identity, Instant>>,
+}
+
+impl FailedAuths {
+    fn new(limit: RateLimit) -> Self {
+        FailedAuths {
+            limit,
+            full_at: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// How long `address` has to wait for its next failure, when it has none left.
+    fn refused(&self, address: &Identity, now: Instant) -> Option<Duration> {
+        let full_at = self.full_at.read().unwrap_or_else(PoisonError::into_inner);
+        let until_full = full_at.get(address)?.checked_duration_since(now)?;
+        // One more failure fits while the bucket is at most `burst - 1` intervals from full.
+        let room = self.limit.interval() * (self.limit.burst.get() - 1);
+        until_full.checked_sub(room).filter(|wait| !wait.is_zero())
+    }
+
+    /// Spends one failure of `address`'s budget (`refused` said it had one).
+    fn failed(&self, address: &Identity, now: Instant) {
+        let mut full_at = self.full_at.write().unwrap_or_else(PoisonError::into_inner);
+        let at = full_at.entry(address.clone()).or_insert(now);
+        *at = (*at).max(now) + self.limit.interval();
+    }
+
+    /// Forgets the addresses whose buckets are full again.
+    fn sweep(&self, now: Instant) {
+        let mut full_at = self.full_at.write().unwrap_or_else(PoisonError::into_inner);
+        full_at.retain(|_, at| *at > now);
+        full_at.shrink_to_fit();
+    }
 }
 
 impl RateLimits {
@@ -128,11 +180,19 @@ impl RateLimits {
                 Some((route.name.clone(), build(route.rate_limit?, old)))
             })
             .collect();
+        let failed_auths = policy.auth.as_ref().map(|auth| {
+            previous
+                .and_then(|p| p.failed_auths.as_ref())
+                .filter(|old| old.limit == auth.failure_limit)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(FailedAuths::new(auth.failure_limit)))
+        });
         RateLimits {
             policy: policy
                 .rate_limit
                 .map(|limit| build(limit, previous.and_then(|p| p.policy.as_ref()))),
             routes,
+            failed_auths,
         }
     }
 
@@ -154,6 +214,55 @@ impl RateLimits {
         for limiter in self.policy.iter().chain(self.routes.values()) {
             limiter.sweep();
         }
+        if let Some(failed_auths) = &self.failed_auths {
+            failed_auths.sweep(Instant::now());
+        }
+    }
+}
+
+/// Answers 429 when the request's client address has had too many credentials refused and
+/// the route would look at its credential. Runs before authentication; `Ok(true)`: the
+/// response is written.
+pub async fn too_many_failures(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    shared: &Shared,
+) -> pingora::Result<bool> {
+    let (Some(route), Some(failed_auths)) = (&ctx.route, &ctx.policy.rate_limits.failed_auths)
+    else {
+        return Ok(false);
+    };
+    if route.auth == RouteAuth::None {
+        return Ok(false);
+    }
+    let address = Identity::of_address(ctx.client_address);
+    let Some(wait) = failed_auths.refused(&address, Instant::now()) else {
+        return Ok(false);
+    };
+    shared
+        .metrics
+        .auth_failures_total
+        .with_label_values(&[ctx.policy.client.as_str(), "too_many_failures"])
+        .inc();
+    let headers = [(
+        http::header::RETRY_AFTER,
+        HeaderValue::from(retry_after_seconds(wait)),
+    )];
+    respond::error(session, ctx, &ErrorCode::RateLimited.into(), &headers).await?;
+    Ok(true)
+}
+
+/// Counts a refused credential against the client's address. A missing credential guesses
+/// nothing, and a valid one without the route's scopes (403) guessed right: neither counts.
+pub fn failed(ctx: &RequestCtx, refusal: &Refusal) {
+    let Some(failed_auths) = &ctx.policy.rate_limits.failed_auths else {
+        return;
+    };
+    if let Refusal::Unauthenticated { failure, .. } = refusal {
+        if *failure != AuthFailure::Missing {
+            let address = Identity::of_address(ctx.client_address);
+            failed_auths.failed(&address, Instant::now());
+        }
     }
 }
 
@@ -171,7 +280,7 @@ pub async fn refused(
     if limits.limits(&route.name).next().is_none() {
         return Ok(false);
     }
-    let Err(wait) = limits.check(&route.name, &identity(session, ctx)) else {
+    let Err(wait) = limits.check(&route.name, &identity(ctx)) else {
         return Ok(false);
     };
     shared
@@ -279,6 +388,51 @@ mod tests {
         limiter.sweep();
         assert_eq!(limiter.buckets.len(), 0, "full buckets are forgotten");
         assert_eq!(limiter.check(&address), Ok(()));
+    }
+
+    #[test]
+    fn failures_are_refused_beyond_the_burst_until_one_comes_back() {
+        // One failure back every 10 s, three at once.
+        let failed_auths = FailedAuths::new(limit(6, Duration::from_secs(60), 3));
+        let (here, there) = (
+            Identity::of_address("192.0.2.7".parse().ok()),
+            Identity::Unknown,
+        );
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(failed_auths.refused(&here, t0), None);
+            failed_auths.failed(&here, t0);
+        }
+        assert_eq!(
+            failed_auths.refused(&here, t0),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(failed_auths.refused(&there, t0), None);
+        let t1 = t0 + Duration::from_secs(4);
+        assert_eq!(
+            failed_auths.refused(&here, t1),
+            Some(Duration::from_secs(6))
+        );
+        let t2 = t0 + Duration::from_secs(10);
+        assert_eq!(failed_auths.refused(&here, t2), None, "one came back");
+        failed_auths.failed(&here, t2);
+        assert_eq!(
+            failed_auths.refused(&here, t2),
+            Some(Duration::from_secs(10))
+        );
+
+        failed_auths.sweep(t2 + Duration::from_secs(29));
+        assert_eq!(
+            failed_auths.full_at.read().unwrap().len(),
+            1,
+            "still refilling"
+        );
+        failed_auths.sweep(t2 + Duration::from_secs(30));
+        assert_eq!(
+            failed_auths.full_at.read().unwrap().len(),
+            0,
+            "full again: forgotten"
+        );
     }
 
     #[test]

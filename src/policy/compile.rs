@@ -17,9 +17,9 @@ use super::raw::{self, RawPolicy};
 use super::secrets;
 use super::template::{Template, Var};
 use super::{
-    Action, ApiKeyAuth, Auth, BreakerPolicy, CachePolicy, Credential, CriticalFailure, Diagnostic,
-    Fetch, FetchCache, JwtAuth, KeySource, OAuth2Client, Policy, ProxyTarget, RateLimit,
-    RetryPolicy, Route, RouteAuth, SecretText, TlsPolicy, Upstream,
+    Action, ApiKeyAuth, Auth, BreakerPolicy, CachePolicy, ClientAddress, Credential,
+    CriticalFailure, Diagnostic, Fetch, FetchCache, JwtAuth, KeySource, OAuth2Client, Policy,
+    ProxyTarget, RateLimit, RetryPolicy, Route, RouteAuth, SecretText, TlsPolicy, Upstream,
 };
 use crate::pipeline::auth::ApiKeySet;
 use crate::pipeline::route::RouteTable;
@@ -107,7 +107,11 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
 
     let rate_limit = raw
         .rate_limit
-        .and_then(|r| compile_rate_limit(r, "", &mut diags));
+        .and_then(|r| compile_rate_limit(r, "", "rate_limit", &mut diags));
+    let client_address = raw
+        .client_address
+        .map(|spec| compile_client_address(spec, &mut diags))
+        .unwrap_or_default();
 
     let mut routes = Vec::new();
     let mut names = HashSet::new();
@@ -161,6 +165,7 @@ pub(super) fn compile(raw: RawPolicy, path: &Path) -> Result<Policy, Vec<Diagnos
             auth,
             upstreams,
             rate_limit,
+            client_address,
             routes,
             table,
             fallthrough,
@@ -215,6 +220,10 @@ fn compile_auth(
     let api_key = auth
         .api_key
         .map(|key| compile_api_key(key, base_dir, diags));
+    let failure_limit = match auth.failure_limit {
+        Some(limit) => compile_rate_limit(limit, "", "auth.failure_limit", diags),
+        None => Some(Auth::DEFAULT_FAILURE_LIMIT),
+    };
     Some(Auth {
         jwt: match jwt {
             Some(jwt) => Some(jwt?),
@@ -225,7 +234,47 @@ fn compile_auth(
             None => None,
         },
         api_key_first,
+        failure_limit: failure_limit?,
     })
+}
+
+/// `client_address`: each trusted proxy a CIDR (`10.0.0.0/8`) or one address.
+fn compile_client_address(
+    spec: Spanned<raw::RawClientAddress>,
+    diags: &mut Diagnostics,
+) -> ClientAddress {
+    let spec = spec.value;
+    let trusted_proxies = spec
+        .trusted_proxies
+        .iter()
+        .filter_map(|proxy| {
+            let text = proxy.value.trim();
+            let net = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| {
+                    format!("`client_address.trusted_proxies`: `{text}` is not an address or CIDR (like 10.0.0.0/8)")
+                });
+            diags.check(&proxy.referenced, net)
+        })
+        .collect();
+    let header = match spec.header {
+        Some(header) => {
+            let name = HeaderName::from_bytes(header.value.as_bytes()).map_err(|_| {
+                format!(
+                    "`client_address.header`: `{}` is not a header name",
+                    header.value
+                )
+            });
+            diags.check(&header.referenced, name)
+        }
+        None => None,
+    };
+    ClientAddress {
+        trusted_proxies,
+        header: header.unwrap_or_else(|| ClientAddress::default().header),
+    }
 }
 
 /// A header that carries a credential the sidecar reads itself: the one the policy names for
@@ -1037,7 +1086,7 @@ fn compile_route(
     let cache = spec.cache.map(|c| compile_cache(c, &personal, diags));
     let rate_limit = spec
         .rate_limit
-        .and_then(|r| compile_rate_limit(r, &format!("route `{name}`: "), diags));
+        .and_then(|r| compile_rate_limit(r, &format!("route `{name}`: "), "rate_limit", diags));
     let on_critical_failure = spec
         .on_critical_failure
         .map(|c| compile_critical_failure(c, diags))
@@ -1554,10 +1603,12 @@ fn compile_cache(
     })
 }
 
-/// `owner`: how messages start (`route `x`: `), empty for the policy's own limit.
+/// `owner`: how messages start (`route `x`: `), empty for the policy's own limit; `key`: the
+/// limit's key (`rate_limit`, `auth.failure_limit`).
 fn compile_rate_limit(
     spec: Spanned<raw::RawRateLimit>,
     owner: &str,
+    key: &str,
     diags: &mut Diagnostics,
 ) -> Option<RateLimit> {
     let spec = spec.value;
@@ -1565,14 +1616,14 @@ fn compile_rate_limit(
     if requests.is_none() {
         diags.at(
             &spec.requests.referenced,
-            format!("{owner}`rate_limit.requests` must be at least 1"),
+            format!("{owner}`{key}.requests` must be at least 1"),
         );
     }
     let per = spec.per.value.0;
     if per.is_zero() {
         diags.at(
             &spec.per.referenced,
-            format!("{owner}`rate_limit.per` must be longer than zero"),
+            format!("{owner}`{key}.per` must be longer than zero"),
         );
     }
     let burst = match &spec.burst {
@@ -1581,7 +1632,7 @@ fn compile_rate_limit(
             if burst.is_none() {
                 diags.at(
                     &b.referenced,
-                    format!("{owner}`rate_limit.burst` must be at least 1 (leave it out to allow `requests` at once)"),
+                    format!("{owner}`{key}.burst` must be at least 1 (leave it out to allow `requests` at once)"),
                 );
             }
             burst
@@ -1598,7 +1649,7 @@ fn compile_rate_limit(
         diags.at(
             &spec.requests.referenced,
             format!(
-                "{owner}`rate_limit` of {} requests per {} is more than one a nanosecond; use fewer `requests` or a longer `per`",
+                "{owner}`{key}` of {} requests per {} is more than one a nanosecond; use fewer `requests` or a longer `per`",
                 limit.requests,
                 humantime::format_duration(per)
             ),
@@ -1616,7 +1667,7 @@ fn compile_rate_limit(
         diags.at(
             &at,
             format!(
-                "{owner}`rate_limit` would take more than a year to refill a burst of {} at {} requests per {}; use a smaller `burst` or a shorter `per`",
+                "{owner}`{key}` would take more than a year to refill a burst of {} at {} requests per {}; use a smaller `burst` or a shorter `per`",
                 limit.burst,
                 limit.requests,
                 humantime::format_duration(per)

@@ -30,6 +30,8 @@ pub struct Policy {
     pub upstreams: IndexMap<String, Arc<Upstream>>,
     /// One budget per client identity, shared by every matched route.
     pub rate_limit: Option<RateLimit>,
+    /// Where a request's client address is read from (behind a proxy, its header).
+    pub client_address: ClientAddress,
     pub routes: Vec<Arc<Route>>,
     pub table: RouteTable,
     pub fallthrough: Option<Arc<Upstream>>,
@@ -43,6 +45,34 @@ pub struct Auth {
     pub api_key: Option<ApiKeyAuth>,
     /// `api_key` is listed before `jwt`.
     pub api_key_first: bool,
+    /// How many presented credentials one client address may have refused.
+    pub failure_limit: RateLimit,
+}
+
+impl Auth {
+    /// `failure_limit` when the policy gives none: 30 a minute, 30 at once.
+    pub const DEFAULT_FAILURE_LIMIT: RateLimit = RateLimit {
+        requests: NonZeroU32::new(30).unwrap(),
+        per: Duration::from_secs(60),
+        burst: NonZeroU32::new(30).unwrap(),
+    };
+}
+
+/// Which address a request comes from: the TCP peer's, or, when the peer is one of the
+/// `trusted_proxies`, the one its `header` names (see `pipeline::edge::client_address`).
+#[derive(Debug, Clone)]
+pub struct ClientAddress {
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub header: HeaderName,
+}
+
+impl Default for ClientAddress {
+    fn default() -> Self {
+        ClientAddress {
+            trusted_proxies: Vec::new(),
+            header: HeaderName::from_static("x-forwarded-for"),
+        }
+    }
 }
 
 #[derive(Debug, PartialEq)]

@@ -16,6 +16,7 @@ pub struct RawPolicy {
     #[serde(default)]
     pub upstreams: Named<RawUpstream>,
     pub rate_limit: Option<Spanned<RawRateLimit>>,
+    pub client_address: Option<Spanned<RawClientAddress>>,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
@@ -27,6 +28,17 @@ pub struct RawPolicy {
 pub struct RawAuth {
     pub jwt: Option<Spanned<RawJwt>>,
     pub api_key: Option<Spanned<RawApiKey>>,
+    /// Failed authentications per client address; defaults to 30 a minute.
+    pub failure_limit: Option<Spanned<RawRateLimit>>,
+}
+
+/// `client_address: { trusted_proxies: [CIDR…], header: X-Forwarded-For }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientAddress {
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    pub header: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

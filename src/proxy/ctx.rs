@@ -1,6 +1,7 @@
 //! The per-request context: everything one request carries through the phases, dropped when
 //! the request ends.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +28,9 @@ pub struct RequestCtx {
     pub claims: Option<Arc<Claims>>,
     /// The name of the API key the request carried (`{auth.client}`).
     pub api_client: Option<Arc<str>>,
+    /// Where the request comes from, behind a trusted proxy as its header says (set once a
+    /// route matched; `None` for a client without an IP address).
+    pub client_address: Option<IpAddr>,
     _in_flight: InFlight,
 }
 
@@ -42,6 +46,7 @@ impl RequestCtx {
             fallthrough: None,
             claims: None,
             api_client: None,
+            client_address: None,
             _in_flight: InFlight::enter(in_flight),
         }
     }

@@ -38,9 +38,10 @@ pub use client::BFF_CLIENT_HEADER;
 
 use crate::envelope::ErrorCode;
 use crate::metrics::{Metrics, Outcome};
+use crate::pipeline::rate_limit::Identity;
 use crate::policy::{Policy, Upstream};
 use crate::proxy::Claims;
-use breaker::{Breaker, BreakerLayer};
+use breaker::{Breaker, BreakerLayer, Health};
 use credential::MachineCredential;
 use retry::{Retries, RetryBudget};
 
@@ -70,6 +71,8 @@ pub struct Caller<'a> {
     pub traceparent: Option<&'a HeaderValue>,
     pub claims: Option<&'a Arc<Claims>>,
     pub api_client: Option<&'a Arc<str>>,
+    /// Who the client is, as its rate limits count it: what the circuit breaker tells apart.
+    pub identity: &'a Identity,
 }
 
 /// A call as it travels down the stack; cloned for each retry.
@@ -83,6 +86,7 @@ pub struct Outbound {
     pub traceparent: Option<HeaderValue>,
     pub claims: Option<Arc<Claims>>,
     pub api_client: Option<Arc<str>>,
+    pub identity: Identity,
     /// The machine credential's header (value marked sensitive).
     pub credential: Option<(HeaderName, HeaderValue)>,
     /// When the call's timeout ends (see `breaker`).
@@ -155,14 +159,15 @@ impl Failure {
         }
     }
 
-    /// Whether this says the upstream is unwell (what its circuit breaker counts). A 4xx is
-    /// an answer about the request, not about the upstream's health.
-    fn is_upstream_fault(&self) -> bool {
+    /// What this failure tells the upstream's circuit breaker.
+    fn health(&self) -> Health {
         match self {
-            Failure::Status(status) => *status >= 500,
+            // A 4xx is an answer about the request, not about the upstream's health.
+            Failure::Status(status) if *status < 500 => Health::Answered,
+            Failure::Status(_) | Failure::Transport(_) | Failure::BadBody(_) => Health::Failed,
+            Failure::Connect(_) | Failure::Timeout(_) => Health::Down,
             // A token endpoint's failure says nothing of the upstream (and never reaches it).
-            Failure::Request(_) | Failure::CircuitOpen | Failure::Credential(_) => false,
-            _ => true,
+            Failure::Request(_) | Failure::CircuitOpen | Failure::Credential(_) => Health::Answered,
         }
     }
 }
@@ -272,6 +277,7 @@ impl UpstreamClient {
                 traceparent: caller.traceparent.cloned(),
                 claims: caller.claims.cloned(),
                 api_client: caller.api_client.cloned(),
+                identity: caller.identity.clone(),
                 credential: attached.as_ref().map(|a| (a.name.clone(), a.value.clone())),
                 deadline,
             };

@@ -398,7 +398,9 @@ fn misbehave(req: &RecordedRequest) -> MockReply {
     let kind = req.path().rsplit('/').next().unwrap_or("");
     let fine = json!({"id": 7, "title": "fine", "secret": "x"});
     match kind {
-        "status500" | "trip" => MockReply::bytes(
+        // Through a circuit that opens on one failure: one client's 500 would not open it.
+        "trip" => MockReply::json(200, fine).delay(Duration::from_secs(3600)),
+        "status500" => MockReply::bytes(
             500,
             "text/html",
             "<h1>NullPointerException at db-7.internal</h1>",
@@ -431,7 +433,7 @@ fn misbehave(req: &RecordedRequest) -> MockReply {
 }
 
 /// `(kind, upstream, outcome label)`: `dead` refuses connections, `trip` opens its circuit on
-/// the first failure, `flaky` answers as `misbehave` says.
+/// the first failure (a timeout), `flaky` answers as `misbehave` says.
 const KINDS: [(&str, &str, &str); 11] = [
     ("refused", "dead", "error"),
     ("status500", "flaky", "error"),
@@ -518,7 +520,7 @@ async fn a_failing_optional_fetch_degrades_to_its_fallback() {
         );
     }
     assert_eq!(
-        dependency_calls(&bff, "opt-trip", "extras", "error").await,
+        dependency_calls(&bff, "opt-trip", "extras", "timeout").await,
         1.0
     );
     let trips = paths(&flaky).iter().filter(|p| *p == "/k/trip").count();
@@ -786,13 +788,16 @@ routes:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_circuit_opens_after_consecutive_failures_and_recovers() {
     let healthy = Arc::new(AtomicBool::new(false));
+    // It does not answer in time: a failure whoever asks (one client's 500s would not open
+    // the circuit, see `breaker.rs`).
     let reco = MockServer::start({
         let healthy = healthy.clone();
         move |_| {
+            let items = json!({"items": [{"productId": "p1", "cost": 1}]});
             if healthy.load(Ordering::SeqCst) {
-                MockReply::json(200, json!({"items": [{"productId": "p1", "cost": 1}]}))
+                MockReply::json(200, items)
             } else {
-                MockReply::json(500, json!({}))
+                MockReply::json(200, items).delay(Duration::from_secs(3600))
             }
         }
     });
@@ -803,7 +808,7 @@ upstreams:
   users: {{ url: "{users}", timeout: 2s }}
   reco:
     url: "{reco}"
-    timeout: 2s
+    timeout: 300ms
     circuit_breaker: {{ enabled: true, consecutive_failures: 3, open_for: 300ms }}
 routes:
   - name: home
@@ -826,7 +831,7 @@ routes:
     }
     assert_eq!(reco.requests().len(), 3);
     assert_eq!(
-        dependency_calls(&bff, "home", "recommendations", "error").await,
+        dependency_calls(&bff, "home", "recommendations", "timeout").await,
         3.0
     );
     assert_eq!(metric(&bff, "bff_circuit_state", &gauge).await, 2.0);

@@ -147,6 +147,8 @@ auth:
     algorithms: [RS256, RS384, RS512, PS256, ES256, ES384, EdDSA]
     jwks_url: "{jwks_url}"
     leeway: 30s
+  # These tests refuse many tokens from one address; the limit on that is rate_limit.rs's.
+  failure_limit: {{ requests: 1000, per: 1m }}
 upstreams:
   user: {{ url: "{upstream}", timeout: 1s }}
 routes:

@@ -1,6 +1,7 @@
 //! Integration tests for `bff`: one test binary (`cargo test --test it`) so Pingora links once.
 
 mod auth_methods;
+mod breaker;
 mod cache;
 mod cache_audit;
 mod cache_l2;

@@ -1,7 +1,9 @@
 //! Rate limits against the real binary: 429 `RATE_LIMITED` with `Retry-After` beyond the burst,
 //! the upstream never called for a refused request, a budget per `sub`, per API key name, or
 //! (without either) per client address, the policy's and a route's limits together, buckets kept across a reload of
-//! an unchanged limit; and the loader's rules for `rate_limit`. Every limit refills by the hour,
+//! an unchanged limit; failed authentications limited per client address; the client address
+//! taken from a trusted proxy's `X-Forwarded-For`; and the loader's rules for `rate_limit`,
+//! `auth.failure_limit` and `client_address`. Every limit refills by the hour,
 //! so nothing comes back while a test runs.
 
 use std::net::{IpAddr, SocketAddr};
@@ -89,6 +91,11 @@ async fn get(bff: &Bff, path: &str, token: Option<&str>) -> http::Reply {
 
 /// The status of an anonymous `GET path` sent from the local address `from` (any 127.x.y.z).
 async fn status_from(from: IpAddr, bff: &Bff, path: &str) -> u16 {
+    status_with(from, bff, path, &[]).await
+}
+
+/// The status of `GET path` with `headers`, sent from the local address `from`.
+async fn status_with(from: IpAddr, bff: &Bff, path: &str, headers: &[(&str, &str)]) -> u16 {
     let socket = TcpSocket::new_v4().expect("a TCP socket");
     socket
         .bind(SocketAddr::new(from, 0))
@@ -97,7 +104,11 @@ async fn status_from(from: IpAddr, bff: &Bff, path: &str) -> u16 {
         .connect(bff.addr())
         .await
         .unwrap_or_else(|e| panic!("connect from {from}: {e}"));
-    let request = format!("GET {path} HTTP/1.1\r\nHost: bff\r\nConnection: close\r\n\r\n");
+    let headers: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: bff\r\n{headers}Connection: close\r\n\r\n");
     stream
         .write_all(request.as_bytes())
         .await
@@ -199,6 +210,32 @@ async fn each_subject_has_its_own_budget() {
     assert_eq!(get(&s.bff, "/a", None).await.status, 200);
     assert_eq!(calls(&s.svc, "/a"), 5);
     assert_eq!(limited(&s.bff, "a").await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_numeric_subject_has_its_own_budget_not_its_address() {
+    let s = start("rate_limit: { requests: 1, per: 1h, burst: 2 }", "").await;
+    let numeric = |sub: u64| {
+        tokens::hs256(
+            &tokens::claims("mobile-app", 600, json!({ "sub": sub })),
+            SECRET,
+        )
+    };
+    let (user_111, user_222) = (numeric(111), numeric(222));
+    for _ in 0..2 {
+        assert_eq!(get(&s.bff, "/a", Some(&user_111)).await.status, 200);
+    }
+    assert_limited(&get(&s.bff, "/a", Some(&user_111)).await, 3600);
+    // Same address, another number: a budget of its own (it used to share the address's).
+    for _ in 0..2 {
+        assert_eq!(get(&s.bff, "/a", Some(&user_222)).await.status, 200);
+    }
+    assert_limited(&get(&s.bff, "/a", Some(&user_222)).await, 3600);
+    // The address has spent nothing; the string "111" is the same subject as the number, as
+    // in cache keys.
+    assert_eq!(get(&s.bff, "/a", None).await.status, 200);
+    assert_limited(&get(&s.bff, "/a", Some(&token(Some("111")))).await, 3600);
+    assert_eq!(calls(&s.svc, "/a"), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,6 +380,204 @@ routes:
     assert_eq!(metric(&bff, "bff_rate_limited_total", &labels).await, 1.0);
 }
 
+/// A policy with both credentials, a route that needs one (`/p`), one without auth (`/open`),
+/// and `extra` top-level lines; the keys file holds `good-key` (partner `acme`).
+fn start_partners(extra: &str, failure_limit: &str) -> (MockServer, TempPolicy) {
+    let svc = MockServer::start(|_| MockReply::json(200, json!({"name": "Acme"})));
+    let file = write_policy(&format!(
+        r#"client: partners
+auth:
+  api_key: {{ header: X-Api-Key, keys_file: keys.txt }}
+  jwt:
+    issuer: https://id.example.com/
+    audience: mobile-app
+    algorithms: [HS256]
+    hs256_secret: "{SECRET}"
+  {failure_limit}
+{extra}
+upstreams:
+  svc: {{ url: "{svc}", timeout: 2s }}
+routes:
+  - name: p
+    method: GET
+    path: /p
+    proxy: {{ upstream: svc, path: /p, fields: [name] }}
+  - name: open
+    method: GET
+    path: /open
+    auth: none
+    proxy: {{ upstream: svc, path: /open, fields: [name] }}
+"#,
+        svc = svc.url()
+    ));
+    std::fs::write(
+        file.dir().join("keys.txt"),
+        format!("{}  acme\n", tokens::api_key_hash("good-key")),
+    )
+    .expect("write the keys file");
+    (svc, file)
+}
+
+async fn with_key(bff: &Bff, path: &str, key: &str) -> http::Reply {
+    http::send("GET", &bff.url(path), &[("x-api-key", key)], "").await
+}
+
+async fn too_many_failures(bff: &Bff) -> f64 {
+    let labels = [("client", "partners"), ("reason", "too_many_failures")];
+    metric(bff, "bff_auth_failures_total", &labels).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_are_limited_per_client_address() {
+    let (svc, file) = start_partners("", "failure_limit: { requests: 3, per: 1h }");
+    let bff = Bff::start(file.path()).await;
+    let local: IpAddr = "127.0.0.1".parse().unwrap();
+    let other: IpAddr = "127.0.0.2".parse().unwrap();
+
+    // A missing credential guesses nothing; three guesses are answered 401, as before.
+    for _ in 0..5 {
+        assert_eq!(get(&bff, "/p", None).await.status, 401);
+    }
+    for guess in 1..=3 {
+        let reply = with_key(&bff, "/p", &format!("guess-{guess}")).await;
+        assert_eq!(reply.status, 401, "guess {guess}: {}", reply.text());
+    }
+    // Then the address is out of failures: 429, the credential not even looked at, so the
+    // right key gets no further than a wrong one, and neither do tokens.
+    assert_limited(&with_key(&bff, "/p", "guess-4").await, 1200);
+    assert_limited(&with_key(&bff, "/p", "good-key").await, 1200);
+    let forged = tokens::hs256(
+        &tokens::claims("mobile-app", 600, json!({"sub": "x"})),
+        "wrong-secret-of-32-bytes-or-more-!!",
+    );
+    assert_limited(&get(&bff, "/p", Some(&forged)).await, 1200);
+    assert_eq!(too_many_failures(&bff).await, 3.0);
+    // A route that never looks at credentials is not refused.
+    assert_eq!(with_key(&bff, "/open", "guess-5").await.status, 200);
+
+    // Another address with the valid key is served, and has a budget of failures of its own.
+    assert_eq!(
+        status_with(other, &bff, "/p", &[("x-api-key", "good-key")]).await,
+        200
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            status_with(other, &bff, "/p", &[("x-api-key", "nope")]).await,
+            401
+        );
+    }
+    assert_eq!(
+        status_with(other, &bff, "/p", &[("x-api-key", "good-key")]).await,
+        429
+    );
+    assert_eq!(
+        status_with(local, &bff, "/p", &[("x-api-key", "good-key")]).await,
+        429
+    );
+    assert_eq!(
+        calls(&svc, "/p"),
+        1,
+        "only the valid key from 127.0.0.2 reached the upstream"
+    );
+    let unknown = [("client", "partners"), ("reason", "unknown_api_key")];
+    assert_eq!(metric(&bff, "bff_auth_failures_total", &unknown).await, 6.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_failed_authentications_a_minute_by_default() {
+    let (_svc, file) = start_partners("", "");
+    let bff = Bff::start(file.path()).await;
+    // Thirty at once, then one every 2 s: on a slow machine a few more may come back while
+    // the thirty are sent.
+    let started = std::time::Instant::now();
+    let mut refused_after = None;
+    for guess in 1..=100 {
+        let reply = with_key(&bff, "/p", &format!("guess-{guess}")).await;
+        if reply.status == 429 {
+            assert_limited(&reply, 2);
+            refused_after = Some(guess - 1);
+            break;
+        }
+        assert_eq!(reply.status, 401, "guess {guess}: {}", reply.text());
+    }
+    let failures = refused_after.expect("failed authentications were never limited");
+    let came_back = started.elapsed().as_secs() / 2 + 1;
+    assert!(
+        (30..=30 + came_back).contains(&failures),
+        "{failures} failures before the 429"
+    );
+    assert_eq!(
+        status_from("127.0.0.2".parse().unwrap(), &bff, "/open").await,
+        200
+    );
+    assert_eq!(
+        status_with(
+            "127.0.0.2".parse().unwrap(),
+            &bff,
+            "/p",
+            &[("x-api-key", "good-key")]
+        )
+        .await,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_forwarded_address_is_the_client() {
+    let (svc, file) = start_partners(
+        "client_address: { trusted_proxies: [127.0.0.1/32, 10.0.0.0/8], header: X-Forwarded-For }\nrate_limit: { requests: 1, per: 1h, burst: 4 }",
+        "failure_limit: { requests: 2, per: 1h }",
+    );
+    let bff = Bff::start(file.path()).await;
+    let proxy: IpAddr = "127.0.0.1".parse().unwrap();
+    let untrusted: IpAddr = "127.0.0.2".parse().unwrap();
+    let from = |client: &'static str, key: &'static str| {
+        let bff = &bff;
+        async move {
+            status_with(
+                proxy,
+                bff,
+                "/p",
+                &[("x-forwarded-for", client), ("x-api-key", key)],
+            )
+            .await
+        }
+    };
+
+    // One client behind the ingress runs out of failures...
+    assert_eq!(from("203.0.113.5", "guess-1").await, 401);
+    assert_eq!(from("203.0.113.5", "guess-2").await, 401);
+    assert_eq!(from("203.0.113.5", "good-key").await, 429);
+    // ...and prepending a forged hop does not get it a fresh budget: the right-most untrusted
+    // address is the client, past the trusted ones.
+    assert_eq!(from("198.51.100.1, 203.0.113.5", "good-key").await, 429);
+    assert_eq!(from("203.0.113.5, 10.1.2.3", "good-key").await, 429);
+    // Everyone else behind the same ingress is served.
+    assert_eq!(from("203.0.113.6", "good-key").await, 200);
+    assert_eq!(from("198.51.100.1, 203.0.113.7", "good-key").await, 200);
+    // A peer that is not a trusted proxy cannot name another address: it is itself.
+    let forged = [("x-forwarded-for", "203.0.113.8"), ("x-api-key", "guess")];
+    assert_eq!(status_with(untrusted, &bff, "/p", &forged).await, 401);
+    assert_eq!(status_with(untrusted, &bff, "/p", &forged).await, 401);
+    assert_eq!(from("203.0.113.8", "good-key").await, 200);
+    assert_eq!(
+        status_with(untrusted, &bff, "/p", &[("x-api-key", "good-key")]).await,
+        429
+    );
+
+    // Rate limits count anonymous clients by the forwarded address too.
+    let anonymous = |client: &'static str| {
+        let bff = &bff;
+        async move { status_with(proxy, bff, "/open", &[("x-forwarded-for", client)]).await }
+    };
+    for _ in 0..4 {
+        assert_eq!(anonymous("203.0.113.20").await, 200);
+    }
+    assert_eq!(anonymous("203.0.113.20").await, 429);
+    assert_eq!(anonymous("203.0.113.21").await, 200);
+    assert_eq!(calls(&svc, "/open"), 5);
+}
+
 /// Waits until `bff_policy_reloads_total{result="ok"}` reaches `count` (the file is polled
 /// every second).
 async fn reloaded(bff: &Bff, count: f64) {
@@ -460,4 +695,41 @@ fn route_rate_limit_errors_name_the_route() {
         Some(29),
         "route `profile`: `rate_limit.requests` must be at least 1",
     );
+}
+
+#[test]
+fn failure_limit_and_client_address_load_and_are_checked() {
+    let yaml = insert(
+        BASE,
+        7,
+        "  failure_limit: { requests: 10, per: 1m, burst: 5 }",
+    );
+    let yaml = insert(
+        &yaml,
+        40,
+        "client_address: { trusted_proxies: [10.0.0.0/8, \"192.0.2.7\", \"2001:db8::/32\"], header: X-Real-IP }",
+    );
+    assert_valid(&yaml);
+    let yaml = insert(BASE, 7, "  failure_limit: { requests: 0, per: 1m }");
+    assert_rejected(
+        &yaml,
+        8,
+        Some(30),
+        "`auth.failure_limit.requests` must be at least 1",
+    );
+    let yaml = insert(
+        BASE,
+        39,
+        "client_address: { trusted_proxies: [10.0.0.0/33] }",
+    );
+    assert_rejected(
+        &yaml,
+        40,
+        Some(37),
+        "`10.0.0.0/33` is not an address or CIDR",
+    );
+    let yaml = insert(BASE, 39, "client_address: { header: \"X Forwarded\" }");
+    assert_rejected(&yaml, 40, Some(27), "`X Forwarded` is not a header name");
+    let yaml = insert(BASE, 39, "client_address: { trusted: [10.0.0.0/8] }");
+    assert_rejected(&yaml, 40, None, "unknown field `trusted`");
 }
