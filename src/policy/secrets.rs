@@ -83,14 +83,12 @@ fn resolve_with(value: &str, base_dir: &Path, mode: Mode) -> Result<String, Secr
 
 fn lookup(reference: &str, base_dir: &Path, mode: Mode) -> Result<String, SecretError> {
     match reference.split_once(':') {
-        Some(("env", name)) if !name.is_empty() => {
-            std::env::var(name).map_err(|_| SecretError {
-                reason: "env",
-                message: format!(
-                    "environment variable `{name}` is not set (referenced as `${{env:{name}}}`)"
-                ),
-            })
-        }
+        Some(("env", name)) if !name.is_empty() => std::env::var(name).map_err(|_| SecretError {
+            reason: "env",
+            message: format!(
+                "environment variable `{name}` is not set (referenced as `${{env:{name}}}`)"
+            ),
+        }),
         Some(("file", path)) if !path.is_empty() => read_file(&base_dir.join(path), path, mode),
         _ => Err(SecretError {
             reason: "invalid",
@@ -124,7 +122,8 @@ fn read_file(full: &Path, written: &str, mode: Mode) -> Result<String, SecretErr
         }
         Err(e) => return Err(fail(e.label(), e.to_string())),
     };
-    let mut text = String::from_utf8(bytes).map_err(|_| fail("invalid", "not UTF-8 text".into()))?;
+    let mut text =
+        String::from_utf8(bytes).map_err(|_| fail("invalid", "not UTF-8 text".into()))?;
     if text.ends_with('\n') {
         text.pop();
         if text.ends_with('\r') {
@@ -202,6 +201,9 @@ mod tests {
         assert!(resolve("${file:big}", dir.path()).is_err());
         // A value of the bound itself is fine (and a trailing newline is not counted twice).
         std::fs::write(dir.path().join("max"), &big[1..]).unwrap();
-        assert_eq!(reread("${file:max}", dir.path()).unwrap().len(), big.len() - 1);
+        assert_eq!(
+            reread("${file:max}", dir.path()).unwrap().len(),
+            big.len() - 1
+        );
     }
 }

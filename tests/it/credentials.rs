@@ -437,7 +437,12 @@ async fn an_oversized_or_unusable_secret_file_keeps_the_last_good_value() {
     for _ in 0..3 {
         assert_good_value_serves(&get(&bff, "/page", &jwt).await);
     }
-    let counted = metric(&bff, "bff_secret_file_failures_total", &failures("too_large")).await;
+    let counted = metric(
+        &bff,
+        "bff_secret_file_failures_total",
+        &failures("too_large"),
+    )
+    .await;
     assert!(counted >= 1.0, "{counted}");
     // Read again every second, and never whole.
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -449,7 +454,13 @@ async fn an_oversized_or_unusable_secret_file_keeps_the_last_good_value() {
         "a failure that lasts is logged once"
     );
     assert!(
-        metric(&bff, "bff_secret_file_failures_total", &failures("too_large")).await > counted,
+        metric(
+            &bff,
+            "bff_secret_file_failures_total",
+            &failures("too_large")
+        )
+        .await
+            > counted,
         "and counted at every read"
     );
 
@@ -458,7 +469,11 @@ async fn an_oversized_or_unusable_secret_file_keeps_the_last_good_value() {
         fs::write(&file, bad).unwrap();
         let until = Instant::now() + WAIT;
         while bff.logs().matches("not a valid header value").count() <= n {
-            assert!(Instant::now() < until, "{bad:?} not refused:\n{}", bff.logs());
+            assert!(
+                Instant::now() < until,
+                "{bad:?} not refused:\n{}",
+                bff.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_good_value_serves(&get(&bff, "/page", &jwt).await);
@@ -472,7 +487,14 @@ async fn an_oversized_or_unusable_secret_file_keeps_the_last_good_value() {
     assert!(metric(&bff, "bff_secret_file_failures_total", &failures("invalid")).await >= 2.0);
 
     fs::write(&file, "next-value").unwrap();
-    until_upstream_sees(&bff, "/page", &upstream, "authorization", "Bearer next-value").await;
+    until_upstream_sees(
+        &bff,
+        "/page",
+        &upstream,
+        "authorization",
+        "Bearer next-value",
+    )
+    .await;
     assert_no_leak(&bff, &[], &["good-value", "bad", "caf", "next-value"]);
 }
 

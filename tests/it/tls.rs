@@ -662,14 +662,19 @@ async fn a_rotation_closes_the_pooled_connections_made_before_it() {
     let (cert, key) = (read("client-b.pem"), read("client-b.key"));
     secret.swap(&cert, &key, &read("other-ca.pem"));
     wait_for_log(&bff, "TLS CA certificates reloaded", 1).await;
-    eventually("the connection verified with the old CA is closed", &bff, || {
-        upstream.closed() == 2
-    })
+    eventually(
+        "the connection verified with the old CA is closed",
+        &bff,
+        || upstream.closed() == 2,
+    )
     .await;
     let refused = http::get(&bff.url("/who")).await;
     assert_eq!(refused.status, 503, "{}", refused.text());
     let served = upstream.seen().len();
-    assert_eq!(served, 7, "no call after the CA rotation reached the server");
+    assert_eq!(
+        served, 7,
+        "no call after the CA rotation reached the server"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
