@@ -6,12 +6,12 @@
 //! whenever it can, and the file is not read again before it has: one parked thread per stuck
 //! file, however often the file is polled.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 /// How long one file read may take before it is reported as hanging.
@@ -19,6 +19,9 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Files whose read is under way past its time limit.
 static HANGING: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(Mutex::default);
+
+/// The content last read from each secret or TLS file (see `read_remembered`).
+static REMEMBERED: LazyLock<Mutex<HashMap<PathBuf, Arc<[u8]>>>> = LazyLock::new(Mutex::default);
 
 /// Why a file could not be read; the messages name no file (the caller does).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +85,32 @@ pub fn read(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
         .unwrap_or(Err(ReadError::Hanging))
 }
 
+/// `read`, remembering what it read for `read_or_remembered`: for the files that are read again
+/// while the sidecar runs and whose content a policy reload may need (secrets, TLS files).
+pub fn read_remembered(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
+    let bytes = read(path, max)?;
+    let mut remembered = REMEMBERED.lock().unwrap_or_else(PoisonError::into_inner);
+    if remembered.get(path).is_none_or(|known| **known != *bytes) {
+        remembered.insert(path.to_path_buf(), Arc::from(bytes.as_slice()));
+    }
+    Ok(bytes)
+}
+
+/// `read_remembered` for a policy being loaded: a file that hangs gives the content last read
+/// from it, if this process read it before, so that a reload is not held up (or refused) for a
+/// file whose last good content is in use anyway. A file never read before is an error.
+pub fn read_or_remembered(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
+    match read_remembered(path, max) {
+        Err(ReadError::Hanging) => {
+            let remembered = REMEMBERED.lock().unwrap_or_else(PoisonError::into_inner);
+            let known = remembered.get(path).ok_or(ReadError::Hanging)?;
+            tracing::warn!(file = %path.display(), "file hangs; the policy takes the content last read from it");
+            Ok(known.to_vec())
+        }
+        read => read,
+    }
+}
+
 /// `read` on Tokio's blocking pool: the async task waits at most `READ_TIMEOUT`, and no
 /// worker thread is held meanwhile.
 pub async fn read_off_loop(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
@@ -143,5 +172,32 @@ mod tests {
             assert!(Instant::now() < until);
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn a_load_takes_the_last_content_read_from_a_file_that_hangs() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, b"one").unwrap();
+        assert_eq!(read_or_remembered(&file, 10).unwrap(), b"one");
+        std::fs::write(&file, b"two").unwrap();
+        assert_eq!(read_remembered(&file, 10).unwrap(), b"two");
+        std::fs::remove_file(&file).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&file)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert_eq!(read_remembered(&file, 10), Err(ReadError::Hanging));
+        assert_eq!(read_or_remembered(&file, 10).unwrap(), b"two");
+        let never_read = dir.path().join("other");
+        std::process::Command::new("mkfifo")
+            .arg(&never_read)
+            .status()
+            .unwrap();
+        assert_eq!(read_or_remembered(&never_read, 10), Err(ReadError::Hanging));
+        // Let the parked readers go.
+        std::fs::write(&file, b"x").unwrap();
+        std::fs::write(&never_read, b"x").unwrap();
     }
 }

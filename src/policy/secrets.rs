@@ -1,18 +1,13 @@
 //! `${env:NAME}` and `${file:PATH}` references in policy values, resolved at load time (and
 //! again when a secret file rotates: see `upstream::credential`).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{LazyLock, Mutex, PoisonError};
 
-use super::files::{self, ReadError};
+use super::files;
 
 /// Largest `${file:}` secret. A credential or a client secret is a few hundred bytes; a larger
 /// file is a mistake (as a header it would make every call fail), and it is read every second.
 pub const MAX_SECRET_FILE: u64 = 64 << 10;
-
-/// The content last read from each secret file, for a reload that finds the file hanging.
-static LAST_GOOD: LazyLock<Mutex<HashMap<PathBuf, String>>> = LazyLock::new(Mutex::default);
 
 /// Why a secret cannot be read: `reason` is a fixed label (`unreadable`, `too_large`,
 /// `hanging`, `invalid`, `env`), `message` says which file and what, and holds no secret.
@@ -27,7 +22,7 @@ pub struct SecretError {
 /// way `echo secret > file` leaves them.
 ///
 /// A file that hangs (see `files`) gives the content last read from it, if this process read
-/// it before: a policy reload is not held up by a secret it could not read anyway.
+/// it before (`files::read_or_remembered`).
 pub fn resolve(value: &str, base_dir: &Path) -> Result<String, String> {
     resolve_with(value, base_dir, Mode::Load).map_err(|e| e.message)
 }
@@ -107,21 +102,11 @@ fn read_file(full: &Path, written: &str, mode: Mode) -> Result<String, SecretErr
             full.display()
         ),
     };
-    let last_good = || {
-        let known = LAST_GOOD.lock().unwrap_or_else(PoisonError::into_inner);
-        known.get(full).cloned()
+    let read = match mode {
+        Mode::Load => files::read_or_remembered(full, MAX_SECRET_FILE),
+        Mode::Reread => files::read_remembered(full, MAX_SECRET_FILE),
     };
-    let bytes = match files::read(full, MAX_SECRET_FILE) {
-        Ok(bytes) => bytes,
-        Err(ReadError::Hanging) if mode == Mode::Load => {
-            if let Some(text) = last_good() {
-                tracing::warn!(file = %full.display(), "secret file hangs; the policy takes the content last read from it");
-                return Ok(text);
-            }
-            return Err(fail("hanging", ReadError::Hanging.to_string()));
-        }
-        Err(e) => return Err(fail(e.label(), e.to_string())),
-    };
+    let bytes = read.map_err(|e| fail(e.label(), e.to_string()))?;
     let mut text =
         String::from_utf8(bytes).map_err(|_| fail("invalid", "not UTF-8 text".into()))?;
     if text.ends_with('\n') {
@@ -133,10 +118,6 @@ fn read_file(full: &Path, written: &str, mode: Mode) -> Result<String, SecretErr
     if text.is_empty() && mode == Mode::Reread {
         return Err(fail("invalid", "is empty".into()));
     }
-    LAST_GOOD
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(full.to_path_buf(), text.clone());
     Ok(text)
 }
 

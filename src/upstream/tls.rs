@@ -105,8 +105,9 @@ impl fmt::Debug for ClientIdentity {
     }
 }
 
+/// A TLS file as a policy loads it (see `files::read_or_remembered`).
 fn read_file(path: &Path) -> Result<Vec<u8>, String> {
-    files::read(path, MAX_FILE).map_err(|e| e.to_string())
+    files::read_or_remembered(path, MAX_FILE).map_err(|e| e.to_string())
 }
 
 fn parse_ca(pem: &[u8]) -> Result<Arc<RootCertStore>, String> {
@@ -280,7 +281,7 @@ impl Watched {
 
     /// Reads the file again; true when its content differs from what was seen last.
     fn changed(&mut self, upstream: &str, failures: &FileFailures) -> bool {
-        match files::read(&self.path, MAX_FILE) {
+        match files::read_remembered(&self.path, MAX_FILE) {
             Ok(now) => {
                 self.unreadable = false;
                 if now == self.seen {
