@@ -42,6 +42,9 @@ pub struct Metrics {
     pub cache_l2_errors_total: IntCounterVec,
     pub cache_l2_duration_seconds: HistogramVec,
     pub policy_reloads_total: IntCounterVec,
+    /// `{client,upstream,key,reason}`: re-reads of an upstream's secret or TLS file that failed
+    /// (`unreadable`, `too_large`, `hanging`, `invalid`); the last good value stayed in use.
+    pub secret_file_failures_total: IntCounterVec,
     pub in_flight_requests: IntGauge,
 }
 
@@ -203,6 +206,11 @@ impl Metrics {
                 "bff_policy_reloads_total",
                 "Policy reload attempts; an invalid policy is refused and the old one kept.",
                 &["result"],
+            ),
+            secret_file_failures_total: counter(
+                "bff_secret_file_failures_total",
+                "Failed re-reads of upstream secret and TLS files, by reason; the last good value stayed in use.",
+                &["client", "upstream", "key", "reason"],
             ),
             in_flight_requests: register(
                 &registry,

@@ -19,7 +19,8 @@ use crate::admin::Admin;
 use crate::cache::{RedisTarget, L2};
 use crate::metrics::ReloadResult;
 use crate::pipeline::auth::Verifier;
-use crate::policy::Policy;
+use crate::policy::files::{self, ReadError};
+use crate::policy::{Policy, MAX_POLICY_FILE};
 use crate::proxy::{Bff, Shared};
 
 /// Bytes a client connection's writes are gathered in before a syscall. Pingora's default
@@ -129,7 +130,7 @@ struct PolicyWatch {
 
 impl PolicyWatch {
     async fn reload(&self, why: &str) {
-        match Policy::load(&self.path) {
+        match Policy::load_off_loop(&self.path).await {
             Ok(policy) => {
                 self.shared.install(policy).await;
                 self.shared.metrics.reloaded(ReloadResult::Ok);
@@ -138,6 +139,27 @@ impl PolicyWatch {
             Err(e) => {
                 self.shared.metrics.reloaded(ReloadResult::Invalid);
                 error!(why, errors = %e, "policy refused; the previous policy keeps serving");
+            }
+        }
+    }
+}
+
+impl PolicyWatch {
+    /// The policy file's bytes, read off the async loop (see `policy::files`); `None` while it
+    /// cannot be read. A file missing for a moment (a ConfigMap update) is normal; one that is
+    /// too large or hangs is logged when that starts.
+    async fn read_policy(&self, unreadable: &mut bool) -> Option<Vec<u8>> {
+        match files::read_off_loop(&self.path, MAX_POLICY_FILE).await {
+            Ok(bytes) => {
+                *unreadable = false;
+                Some(bytes)
+            }
+            Err(e) => {
+                if !matches!(e, ReadError::Unreadable(_)) && !*unreadable {
+                    error!(policy = %self.path.display(), error = %e, "policy file not read; the policy in force keeps serving");
+                }
+                *unreadable = true;
+                None
             }
         }
     }
@@ -161,8 +183,8 @@ impl BackgroundService for PolicyWatch {
                 Err(e) => error!(error = %e, "the cache's L2 is off"),
             }
         }
-        let read = || std::fs::read(&self.path).ok();
-        let mut seen = read();
+        let mut policy_unreadable = false;
+        let mut seen = self.read_policy(&mut policy_unreadable).await;
         // SIGHUP is handled now (its default would kill the process); Pingora retries a busy
         // port instead of failing, so readiness also waits for the listener to accept.
         while tokio::net::TcpStream::connect(&self.listen).await.is_err() {
@@ -193,19 +215,23 @@ impl BackgroundService for PolicyWatch {
                     }
                 }
                 _ = hangup.recv() => {
-                    seen = read();
+                    seen = self.read_policy(&mut policy_unreadable).await;
                     self.reload("SIGHUP").await;
                 }
                 _ = poll.tick() => {
                     self.shared.policy.load().rate_limits.sweep();
-                    let now = read();
+                    let now = self.read_policy(&mut policy_unreadable).await;
                     if now.is_some() && now != seen {
                         seen = now;
                         self.reload("file changed").await;
                     }
-                    // Mounted secrets rotate without the policy changing. Small files, read
-                    // on this background task, never on a request's path.
-                    self.shared.policy.load().refresh_files();
+                    // Mounted secrets rotate without the policy changing. Read on the
+                    // blocking pool, each file within its time limit, so one that hangs holds
+                    // up neither this loop nor the other files after its first timeout.
+                    let active = self.shared.policy.load_full();
+                    if let Err(e) = tokio::task::spawn_blocking(move || active.refresh_files()).await {
+                        error!(error = %e, "re-reading the secret files failed");
+                    }
                 }
             }
         }

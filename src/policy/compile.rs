@@ -508,12 +508,12 @@ fn compile_credential(
             .map_err(|_| format!("`{}` is not a valid header name", spec.header.value)),
     )?;
     let source = compile_secret(&spec.value, base_dir, diags)?;
-    let mut value = diags.check(
+    // The same test as when the file is read again (it also marks the value sensitive).
+    let value = diags.check(
         &spec.value.referenced,
-        HeaderValue::from_str(&source.resolved)
+        crate::upstream::credential::header_value(source.resolved.clone())
             .map_err(|_| "credential value is not a valid header value".to_string()),
     )?;
-    value.set_sensitive(true);
     Some(Credential {
         header,
         value,

@@ -2,6 +2,7 @@
 //! into the immutable `Policy` below, which the proxy swaps atomically on reload.
 
 mod compile;
+pub mod files;
 pub mod raw;
 pub mod secrets;
 pub mod template;
@@ -20,6 +21,9 @@ use crate::projection::FieldMask;
 use crate::upstream::tls::{CaBundle, ClientIdentity};
 pub use raw::{Algorithm, CacheScope, RouteAuth};
 pub use template::{RenderError, Template, Var};
+
+/// Largest policy file read: it is read again every second to see whether it changed.
+pub const MAX_POLICY_FILE: u64 = 16 << 20;
 
 /// A validated policy: everything the proxy needs, nothing it has to check again.
 #[derive(Debug)]
@@ -230,7 +234,7 @@ impl SecretText {
     }
 
     /// Reads the value again (see `secrets::reread`).
-    pub fn reread(&self) -> Result<String, String> {
+    pub fn reread(&self) -> Result<String, secrets::SecretError> {
         secrets::reread(&self.written, &self.base_dir)
     }
 }
@@ -402,8 +406,27 @@ impl Policy {
                 message,
             }],
         };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let bytes = files::read(path, MAX_POLICY_FILE).map_err(|e| fail(e.to_string()))?;
+        let text = String::from_utf8(bytes).map_err(|_| fail("not UTF-8 text".into()))?;
         Policy::from_yaml(&text, path)
+    }
+
+    /// `load` on Tokio's blocking pool, for the policy watch: the files a policy names are
+    /// read with blocking calls, each bounded by `files::READ_TIMEOUT`.
+    pub async fn load_off_loop(path: &Path) -> Result<Policy, PolicyError> {
+        let owned = path.to_path_buf();
+        tokio::task::spawn_blocking(move || Policy::load(&owned))
+            .await
+            .unwrap_or_else(|e| {
+                Err(PolicyError {
+                    file: path.to_path_buf(),
+                    diagnostics: vec![Diagnostic {
+                        line: 1,
+                        column: 1,
+                        message: format!("loading it failed: {e}"),
+                    }],
+                })
+            })
     }
 
     /// Parses and validates policy text; `path` names it in errors and anchors relative paths.

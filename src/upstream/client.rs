@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -90,25 +91,58 @@ pub fn prepare(upstream: &Upstream, client: &str, outbound: Outbound) -> Prepare
     Ok(request)
 }
 
+type Pooled = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 /// The pooled HTTP/1.1 client of one upstream.
 #[derive(Clone)]
 pub struct HttpClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pool: Arc<Pool>,
     upstream: Arc<str>,
+}
+
+/// An upstream's connection pool, replaceable: `retire` puts a new, empty pool in its place.
+/// The old one is dropped with the last call that still uses it, and its connections are then
+/// closed: a call under way finishes on its connection, an idle connection closes at once.
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    current: ArcSwap<Pooled>,
+}
+
+impl Pool {
+    fn new(connector: HttpsConnector<HttpConnector>) -> Pool {
+        Pool {
+            current: ArcSwap::from_pointee(Pool::build(connector.clone())),
+            connector,
+        }
+    }
+
+    fn build(connector: HttpsConnector<HttpConnector>) -> Pooled {
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .build(connector)
+    }
+
+    /// New calls go out on new connections from now on. For a rotated TLS identity or CA: a
+    /// pooled connection keeps the handshake it was made with for as long as it lives.
+    pub fn retire(&self) {
+        self.current
+            .store(Arc::new(Pool::build(self.connector.clone())));
+    }
 }
 
 impl HttpClient {
     /// `tls`: the upstream's TLS when it is https://.
     pub fn new(upstream: &Upstream, tls: Option<&UpstreamTls>) -> HttpClient {
         let connector = tls::connector(tls, upstream.call_timeout());
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         HttpClient {
-            client,
+            pool: Arc::new(Pool::new(connector)),
             upstream: Arc::from(upstream.name.as_str()),
         }
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 }
 
@@ -122,7 +156,7 @@ impl Service<Prepared> for HttpClient {
     }
 
     fn call(&mut self, prepared: Prepared) -> Self::Future {
-        let client = self.client.clone();
+        let client = Pooled::clone(&self.pool.current.load());
         let upstream = self.upstream.clone();
         Box::pin(async move {
             let fail = |failure| CallError {

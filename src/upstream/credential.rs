@@ -21,7 +21,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tracing::{info, warn};
 
-use super::{error_chain, IDLE_TIMEOUT};
+use super::{error_chain, FileFailures, IDLE_TIMEOUT};
+use crate::policy::secrets::SecretError;
 use crate::policy::{OAuth2Client, SecretText, Upstream};
 
 /// Largest token endpoint answer read.
@@ -29,6 +30,13 @@ const MAX_TOKEN_ANSWER: usize = 64 << 10;
 /// A token's lifetime when the endpoint does not say (`expires_in` is optional): short, so a
 /// token that lives less than we assume is not used long after it died.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// Shortest lifetime a token is used for, whatever its `expires_in` says (0 included): a token
+/// that lives less is no use, and believing it would mean one token request per call. An
+/// upstream that refuses it early answers 401, and the next call fetches another.
+const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(5);
+/// Shortest time between two token requests of one upstream, successful or not: a call that
+/// needs a token sooner (the last one was refused with 401) waits for it, within its timeout.
+const MIN_FETCH_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest lifetime believed, so a silly `expires_in` cannot overflow a clock.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// After a failed token fetch, calls in this window get its failure instead of another fetch.
@@ -56,11 +64,12 @@ pub enum MachineCredential {
 }
 
 impl MachineCredential {
-    pub fn for_upstream(upstream: &Upstream) -> Option<MachineCredential> {
+    pub fn for_upstream(upstream: &Upstream, failures: &FileFailures) -> Option<MachineCredential> {
         if let Some(oauth2) = &upstream.oauth2 {
             return Some(MachineCredential::OAuth2(TokenSource::new(
                 &upstream.name,
                 oauth2,
+                failures,
             )));
         }
         let credential = upstream.credential.as_ref()?;
@@ -72,6 +81,7 @@ impl MachineCredential {
                 &credential.source,
                 credential.value.clone(),
                 header_value,
+                failures,
             ),
         })
     }
@@ -114,8 +124,8 @@ impl MachineCredential {
 }
 
 /// A secret from the policy, live: read again from its files on every `refresh`, the last good
-/// value kept when a read fails (a file missing while Kubernetes swaps its `..data` link, or
-/// half-written).
+/// value kept when a read fails (a file missing while Kubernetes swaps its `..data` link,
+/// half-written, too large, hanging, or holding a value that cannot be used).
 pub struct Rotating<T> {
     upstream: String,
     /// The policy key it comes from, for log lines.
@@ -126,6 +136,7 @@ pub struct Rotating<T> {
     live: ArcSwap<T>,
     /// The failure last logged: one that lasts is logged once, not every second.
     failing: Mutex<Option<String>>,
+    failures: FileFailures,
 }
 
 impl<T: PartialEq> Rotating<T> {
@@ -135,6 +146,7 @@ impl<T: PartialEq> Rotating<T> {
         source: &SecretText,
         loaded: T,
         parse: fn(String) -> Result<T, String>,
+        failures: &FileFailures,
     ) -> Self {
         Rotating {
             upstream: upstream.to_string(),
@@ -144,6 +156,7 @@ impl<T: PartialEq> Rotating<T> {
             parse,
             live: ArcSwap::from_pointee(loaded),
             failing: Mutex::new(None),
+            failures: failures.clone(),
         }
     }
 
@@ -158,7 +171,12 @@ impl<T: PartialEq> Rotating<T> {
         if self.files.is_empty() {
             return;
         }
-        let read = self.source.reread().and_then(self.parse);
+        let read = self.source.reread().and_then(|text| {
+            (self.parse)(text).map_err(|message| SecretError {
+                reason: "invalid",
+                message,
+            })
+        });
         let mut failing = self.failing.lock().unwrap_or_else(PoisonError::into_inner);
         let files = self.file_list();
         match read {
@@ -171,10 +189,11 @@ impl<T: PartialEq> Rotating<T> {
                     info!(upstream = %self.upstream, key = self.key, files = %files, "secret file changed; the new value is in use");
                 }
             }
-            Err(reason) => {
-                if failing.as_deref() != Some(reason.as_str()) {
-                    warn!(upstream = %self.upstream, key = self.key, files = %files, %reason, "cannot read the secret again; the last good value stays in use");
-                    *failing = Some(reason);
+            Err(SecretError { reason, message }) => {
+                self.failures.count(self.key, reason);
+                if failing.as_deref() != Some(message.as_str()) {
+                    warn!(upstream = %self.upstream, key = self.key, files = %files, reason = %message, "cannot read the secret again; the last good value stays in use");
+                    *failing = Some(message);
                 }
             }
         }
@@ -200,10 +219,17 @@ impl<T> fmt::Debug for Rotating<T> {
     }
 }
 
-/// A credential header's value as read from its file (the message names no part of it).
-fn header_value(text: String) -> Result<HeaderValue, String> {
-    let mut value = HeaderValue::from_str(&text).map_err(|_| {
-        "the value read is not a valid header value (no control characters or newlines)".to_string()
+/// A credential header's value (the message names no part of it): printable ASCII, spaces
+/// and tabs only. `HeaderValue` would also take bytes above 127, which servers read in
+/// different ways or refuse.
+pub fn header_value(text: String) -> Result<HeaderValue, String> {
+    let printable = text
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+    let value = HeaderValue::from_str(&text).ok().filter(|_| printable);
+    let mut value = value.ok_or_else(|| {
+        "the value read is not a valid header value (printable ASCII only: no control characters or newlines)"
+            .to_string()
     })?;
     value.set_sensitive(true);
     Ok(value)
@@ -244,6 +270,14 @@ struct FailedFetch {
     reason: String,
 }
 
+/// What the call holding `TokenSource::fetching` knows of the fetches before it.
+#[derive(Default)]
+struct Fetches {
+    /// When the last token request was sent.
+    last: Option<Instant>,
+    failure: Option<FailedFetch>,
+}
+
 /// The HTTP client token requests go out on. Kept to this one function so that the connector
 /// (plain HTTP here) can be swapped for one that speaks TLS in one place.
 fn token_http_client() -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
@@ -266,11 +300,11 @@ pub struct TokenSource {
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     cached: ArcSwapOption<Token>,
     /// Held by the one call fetching a token; the others wait on it, then use its result.
-    fetching: tokio::sync::Mutex<Option<FailedFetch>>,
+    fetching: tokio::sync::Mutex<Fetches>,
 }
 
 impl TokenSource {
-    fn new(upstream: &str, policy: &OAuth2Client) -> TokenSource {
+    fn new(upstream: &str, policy: &OAuth2Client, failures: &FileFailures) -> TokenSource {
         let mut form = String::from("grant_type=client_credentials");
         if let Some(scope) = &policy.scope {
             form.push_str("&scope=");
@@ -293,11 +327,12 @@ impl TokenSource {
                 &policy.client_secret,
                 policy.client_secret.resolved.clone(),
                 client_secret,
+                failures,
             ),
             form: Bytes::from(form),
             http: token_http_client(),
             cached: ArcSwapOption::empty(),
-            fetching: tokio::sync::Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(Fetches::default()),
         }
     }
 
@@ -315,7 +350,7 @@ impl TokenSource {
             )
         };
         let until = tokio::time::Instant::from_std(deadline);
-        let mut last_failure = match self.fetching.try_lock() {
+        let mut fetches = match self.fetching.try_lock() {
             Ok(guard) => guard,
             // Another call is fetching: a token that has not expired yet serves meanwhile.
             Err(_) => match self.unexpired() {
@@ -333,25 +368,34 @@ impl TokenSource {
         }
         // The fetch this call waited for failed, or one failed a moment ago: its answer stands,
         // so a token endpoint in trouble gets one request per moment, not one per call.
-        let shared = last_failure
+        let shared = fetches
+            .failure
             .as_ref()
             .filter(|f| f.at >= asked || f.at.elapsed() < RETRY_AFTER_FAILURE)
             .map(|f| f.reason.clone());
         let failure = match shared {
             Some(reason) => reason,
             None => {
-                let fetched = tokio::time::timeout_at(until, self.fetch())
-                    .await
-                    .unwrap_or_else(|_| Err(timed_out()));
+                let floor = fetches.last.map(|at| at + MIN_FETCH_INTERVAL);
+                let last = &mut fetches.last;
+                let fetched = tokio::time::timeout_at(until, async {
+                    if let Some(floor) = floor {
+                        tokio::time::sleep_until(tokio::time::Instant::from_std(floor)).await;
+                    }
+                    *last = Some(Instant::now());
+                    self.fetch().await
+                })
+                .await
+                .unwrap_or_else(|_| Err(timed_out()));
                 match fetched {
                     Ok(token) => {
                         let token = Arc::new(token);
                         self.cached.store(Some(token.clone()));
-                        *last_failure = None;
+                        fetches.failure = None;
                         return Ok(token);
                     }
                     Err(reason) => {
-                        *last_failure = Some(FailedFetch {
+                        fetches.failure = Some(FailedFetch {
                             at: Instant::now(),
                             reason: reason.clone(),
                         });
@@ -474,6 +518,7 @@ fn read_token(body: &[u8], sent: Instant) -> Result<Token, String> {
     let mut header = HeaderValue::from_str(&format!("Bearer {access_token}"))
         .map_err(|_| "`access_token` cannot be sent as a header value".to_string())?;
     header.set_sensitive(true);
+    let lifetime = lifetime.max(MIN_TOKEN_LIFETIME);
     let margin = REFRESH_MARGIN.min(lifetime / 10);
     Ok(Token {
         header,
@@ -533,6 +578,15 @@ mod tests {
         assert!(t.header.is_sensitive());
         let t = token(r#"{"access_token":"x","token_type":"Bearer","expires_in":1e300}"#).unwrap();
         assert_eq!(t.expires_at - sent, MAX_TOKEN_LIFETIME);
+        // Already expired, or nearly: used for the shortest useful lifetime all the same.
+        for expires_in in ["0", "0.2", "1"] {
+            let body = format!(
+                r#"{{"access_token":"x","token_type":"Bearer","expires_in":{expires_in}}}"#
+            );
+            let t = token(&body).unwrap();
+            assert_eq!(t.expires_at - sent, MIN_TOKEN_LIFETIME, "{expires_in}");
+            assert_eq!(t.refresh_at - sent, MIN_TOKEN_LIFETIME * 9 / 10);
+        }
     }
 
     #[test]

@@ -174,6 +174,23 @@ impl Failure {
 
 type Stack = BoxCloneSyncService<Outbound, Answer, CallError>;
 
+/// Counts one upstream's failed re-reads of its secret and TLS files
+/// (`bff_secret_file_failures_total`), by policy key and reason.
+#[derive(Clone)]
+pub struct FileFailures {
+    counter: prometheus::IntCounterVec,
+    client: Arc<str>,
+    upstream: Arc<str>,
+}
+
+impl FileFailures {
+    pub fn count(&self, key: &str, reason: &str) {
+        self.counter
+            .with_label_values(&[&*self.client, &*self.upstream, key, reason])
+            .inc();
+    }
+}
+
 /// One upstream's client stack. Cheap to clone; clones share pool, limits and breaker.
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -184,6 +201,8 @@ pub struct UpstreamClient {
     metrics: Arc<Metrics>,
     /// The TLS files of an https:// upstream, re-read by `refresh_files`.
     tls: Option<Arc<tls::UpstreamTls>>,
+    /// Retired when the TLS files rotate.
+    pool: Arc<client::Pool>,
 }
 
 impl UpstreamClient {
@@ -201,10 +220,17 @@ impl UpstreamClient {
             )))
         });
         let for_headers = (upstream.clone(), client.to_string());
+        let failures = FileFailures {
+            counter: metrics.secret_file_failures_total.clone(),
+            client: Arc::from(client),
+            upstream: Arc::from(upstream.name.as_str()),
+        };
         let tls = upstream
             .tls
             .as_ref()
-            .map(|policy| Arc::new(tls::UpstreamTls::new(&upstream.name, policy)));
+            .map(|policy| Arc::new(tls::UpstreamTls::new(&upstream.name, policy, &failures)));
+        let http = client::HttpClient::new(&upstream, tls.as_deref());
+        let pool = http.pool().clone();
         // The timeout and the metrics are applied by `call`, above this stack: tower's
         // `Timeout` starts its clock in `call`, after the concurrency limit's `poll_ready` has
         // already waited, so it could not bound the time spent queueing.
@@ -217,14 +243,15 @@ impl UpstreamClient {
             .layer(BreakerLayer::new(breaker))
             .option_layer(retries.map(tower::retry::RetryLayer::new))
             .map_request(move |outbound| client::prepare(&for_headers.0, &for_headers.1, outbound))
-            .service(client::HttpClient::new(&upstream, tls.as_deref()));
+            .service(http);
         UpstreamClient {
-            credential: MachineCredential::for_upstream(&upstream).map(Arc::new),
+            credential: MachineCredential::for_upstream(&upstream, &failures).map(Arc::new),
             upstream,
             client: Arc::from(client),
             stack: BoxCloneSyncService::new(stack),
             metrics: metrics.clone(),
             tls,
+            pool,
         }
     }
 
@@ -234,7 +261,9 @@ impl UpstreamClient {
             credential.refresh_files();
         }
         if let Some(tls) = &self.tls {
-            tls.refresh();
+            if tls.refresh() {
+                self.pool.retire();
+            }
         }
     }
 
@@ -348,8 +377,9 @@ impl Upstreams {
 
     /// Re-reads the files the clients use (credentials, OAuth2 client secrets, TLS CAs,
     /// certificates and keys) and puts in use those whose content changed, as Kubernetes
-    /// rotates mounted secrets. Called every second; a rotated file is used from the next call
-    /// (TLS: the next connection) on, with no restart.
+    /// rotates mounted secrets. Called every second, off the async loop (reads block, up to
+    /// `policy::files::READ_TIMEOUT`); a rotated file is used from the next call on, with no
+    /// restart (TLS: on new connections, and the pooled ones close when their calls end).
     pub fn refresh_files(&self) {
         for client in self.0.values() {
             client.refresh_files();

@@ -3,10 +3,10 @@
 //!
 //! An upstream's trust anchors and client certificate sit behind `ArcSwap`s that
 //! [`UpstreamTls::refresh`] replaces when their files change, so the next new connection uses
-//! the rotated files while the client, its pool and its open connections stay as they are.
+//! the rotated files; the caller then retires the client's pool, so that connections made with
+//! the old identity or trust anchors are closed once their calls are done (see `client`).
 
 use std::fmt;
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -27,6 +27,8 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, NamedGroup, RootCertStore, SignatureScheme};
 use tracing::{error, info, warn};
 
+use super::FileFailures;
+use crate::policy::files;
 use crate::policy::TlsPolicy;
 
 /// Largest TLS file read: a CA bundle is a few hundred KiB at most.
@@ -103,16 +105,9 @@ impl fmt::Debug for ClientIdentity {
     }
 }
 
+/// A TLS file as a policy loads it (see `files::read_or_remembered`).
 fn read_file(path: &Path) -> Result<Vec<u8>, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if bytes.len() as u64 > MAX_FILE {
-        return Err(format!("larger than {MAX_FILE} bytes"));
-    }
-    Ok(bytes)
+    files::read_or_remembered(path, MAX_FILE).map_err(|e| e.to_string())
 }
 
 fn parse_ca(pem: &[u8]) -> Result<Arc<RootCertStore>, String> {
@@ -256,6 +251,7 @@ pub struct UpstreamTls {
     identity: Arc<SwappableIdentity>,
     sessions: Arc<SwappableSessions>,
     files: Mutex<WatchedFiles>,
+    failures: FileFailures,
 }
 
 struct WatchedFiles {
@@ -265,6 +261,8 @@ struct WatchedFiles {
 
 /// A file and the content last read from it.
 struct Watched {
+    /// The policy key that names it, for metrics.
+    key: &'static str,
     path: PathBuf,
     seen: Vec<u8>,
     /// Whether the last read failed (so the failure is logged once, not every poll).
@@ -272,8 +270,9 @@ struct Watched {
 }
 
 impl Watched {
-    fn new(path: &Path, seen: &[u8]) -> Watched {
+    fn new(key: &'static str, path: &Path, seen: &[u8]) -> Watched {
         Watched {
+            key,
             path: path.to_path_buf(),
             seen: seen.to_vec(),
             unreadable: false,
@@ -281,8 +280,8 @@ impl Watched {
     }
 
     /// Reads the file again; true when its content differs from what was seen last.
-    fn changed(&mut self, upstream: &str) -> bool {
-        match read_file(&self.path) {
+    fn changed(&mut self, upstream: &str, failures: &FileFailures) -> bool {
+        match files::read_remembered(&self.path, MAX_FILE) {
             Ok(now) => {
                 self.unreadable = false;
                 if now == self.seen {
@@ -292,6 +291,7 @@ impl Watched {
                 true
             }
             Err(reason) => {
+                failures.count(self.key, reason.label());
                 if !self.unreadable {
                     error!(upstream, file = %self.path.display(), error = %reason, "TLS file cannot be read; the one read before stays in use");
                 }
@@ -303,7 +303,7 @@ impl Watched {
 }
 
 impl UpstreamTls {
-    pub fn new(upstream: &str, policy: &TlsPolicy) -> UpstreamTls {
+    pub fn new(upstream: &str, policy: &TlsPolicy, failures: &FileFailures) -> UpstreamTls {
         let roots = match &policy.ca {
             Some(ca) => Some(ca.roots.clone()),
             None => system_roots(),
@@ -315,11 +315,14 @@ impl UpstreamTls {
         let sessions = Arc::new(SwappableSessions::new());
         let config = client_config(verifier.clone(), identity.clone(), sessions.clone());
         let files = WatchedFiles {
-            ca: policy.ca.as_ref().map(|ca| Watched::new(&ca.path, &ca.pem)),
+            ca: policy
+                .ca
+                .as_ref()
+                .map(|ca| Watched::new("tls.ca", &ca.path, &ca.pem)),
             identity: policy.identity.as_ref().map(|id| {
                 (
-                    Watched::new(&id.cert, &id.cert_pem),
-                    Watched::new(&id.key, &id.key_pem),
+                    Watched::new("tls.cert", &id.cert, &id.cert_pem),
+                    Watched::new("tls.key", &id.key, &id.key_pem),
                 )
             }),
         };
@@ -331,17 +334,20 @@ impl UpstreamTls {
             identity,
             sessions,
             files: Mutex::new(files),
+            failures: failures.clone(),
         }
     }
 
     /// Re-reads the `ca`, `cert` and `key` files and puts in use those whose content changed
-    /// and parses; one that does not parse is logged and the previous one stays in use.
-    pub fn refresh(&self) {
+    /// and parses; one that does not parse is logged and the previous one stays in use. True
+    /// when the trust anchors or the client certificate changed.
+    pub fn refresh(&self) -> bool {
         let upstream = self.upstream.as_str();
+        let failures = &self.failures;
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         let mut rotated = false;
         if let Some(ca) = &mut files.ca {
-            if ca.changed(upstream) {
+            if ca.changed(upstream, failures) {
                 match parse_ca(&ca.seen) {
                     Ok(roots) => {
                         self.verifier.set(Some(roots));
@@ -349,6 +355,7 @@ impl UpstreamTls {
                         info!(upstream, file = %ca.path.display(), "TLS CA certificates reloaded");
                     }
                     Err(reason) => {
+                        failures.count(ca.key, "invalid");
                         error!(upstream, file = %ca.path.display(), error = %reason, "TLS CA file not reloaded; the previous one stays in use");
                     }
                 }
@@ -356,8 +363,8 @@ impl UpstreamTls {
         }
         if let Some((cert, key)) = &mut files.identity {
             // Both read every time, so a pair rotated between two polls is seen as one change.
-            let cert_changed = cert.changed(upstream);
-            let key_changed = key.changed(upstream);
+            let cert_changed = cert.changed(upstream, failures);
+            let key_changed = key.changed(upstream, failures);
             if cert_changed || key_changed {
                 match parse_identity(&cert.seen, &key.seen) {
                     Ok(certified) => {
@@ -366,9 +373,11 @@ impl UpstreamTls {
                         info!(upstream, cert = %cert.path.display(), key = %key.path.display(), "TLS client certificate reloaded");
                     }
                     Err(IdentityError::Cert(reason)) => {
+                        failures.count(cert.key, "invalid");
                         error!(upstream, file = %cert.path.display(), error = %reason, "TLS client certificate not reloaded; the previous one stays in use");
                     }
                     Err(IdentityError::Key(reason)) => {
+                        failures.count(key.key, "invalid");
                         error!(upstream, file = %key.path.display(), error = %reason, "TLS client key not reloaded; the previous certificate and key stay in use");
                     }
                 }
@@ -377,6 +386,7 @@ impl UpstreamTls {
         if rotated {
             self.sessions.clear();
         }
+        rotated
     }
 }
 

@@ -394,6 +394,110 @@ async fn a_broken_or_missing_credential_file_keeps_the_last_good_value() {
     );
 }
 
+/// The resident memory of a process, in bytes (Linux).
+fn resident_bytes(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"));
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_or_unusable_secret_file_keeps_the_last_good_value() {
+    let upstream = echo();
+    let policy = write_policy(&rotating_policy(&upstream, "token"));
+    let file = policy.dir().join("token");
+    let path = file.display().to_string();
+    fs::write(&file, "good-value").unwrap();
+    let bff = start(&policy).await;
+    let jwt = client_token();
+    let failures = |reason: &'static str| {
+        [
+            ("client", "web"),
+            ("upstream", "svc"),
+            ("key", "credential"),
+            ("reason", reason),
+        ]
+    };
+    let assert_good_value_serves = |reply: &http::Reply| {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let seen = upstream.requests().pop().expect("a call");
+        assert_eq!(seen.header("authorization"), Some("Bearer good-value"));
+    };
+    assert_good_value_serves(&get(&bff, "/page", &jwt).await);
+    let resident = resident_bytes(bff.pid());
+
+    // 100 MB of characters that would all be valid in a header: refused unread, not sent.
+    fs::write(&file, vec![b'a'; 100 << 20]).unwrap();
+    let line = log_line(&bff, &["svc", &path, "larger than 65536 bytes"]).await;
+    assert!(line.contains("WARN"), "{line}");
+    for _ in 0..3 {
+        assert_good_value_serves(&get(&bff, "/page", &jwt).await);
+    }
+    let counted = metric(
+        &bff,
+        "bff_secret_file_failures_total",
+        &failures("too_large"),
+    )
+    .await;
+    assert!(counted >= 1.0, "{counted}");
+    // Read again every second, and never whole.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let grown = resident_bytes(bff.pid()).saturating_sub(resident);
+    assert!(grown < 32 << 20, "resident memory grew by {grown} bytes");
+    assert_eq!(
+        bff.logs().matches("larger than 65536 bytes").count(),
+        1,
+        "a failure that lasts is logged once"
+    );
+    assert!(
+        metric(
+            &bff,
+            "bff_secret_file_failures_total",
+            &failures("too_large")
+        )
+        .await
+            > counted,
+        "and counted at every read"
+    );
+
+    // Values that are no header value: a control character, a byte above 127.
+    for (n, bad) in ["bad\u{1}value", "caf\u{e9}-token"].into_iter().enumerate() {
+        fs::write(&file, bad).unwrap();
+        let until = Instant::now() + WAIT;
+        while bff.logs().matches("not a valid header value").count() <= n {
+            assert!(
+                Instant::now() < until,
+                "{bad:?} not refused:\n{}",
+                bff.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_good_value_serves(&get(&bff, "/page", &jwt).await);
+        // The good value back, so that the next failure is a new one (and logged).
+        fs::write(&file, "good-value").unwrap();
+        while bff.logs().matches("secret file readable again").count() <= n {
+            assert!(Instant::now() < until, "{}", bff.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(metric(&bff, "bff_secret_file_failures_total", &failures("invalid")).await >= 2.0);
+
+    fs::write(&file, "next-value").unwrap();
+    until_upstream_sees(
+        &bff,
+        "/page",
+        &upstream,
+        "authorization",
+        "Bearer next-value",
+    )
+    .await;
+    assert_no_leak(&bff, &[], &["good-value", "bad", "caf", "next-value"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // OAuth2 client credentials
 // ---------------------------------------------------------------------------------------------
@@ -539,7 +643,7 @@ async fn fifty_concurrent_calls_share_one_token_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_near_its_expiry_is_fetched_again() {
-    // One second of life: due for refresh after 0.9 s.
+    // One second of life, taken as the shortest useful one (5 s): due for refresh after 4.5 s.
     let tokens = TokenEndpoint::start(1, Duration::ZERO);
     let upstream = echo();
     let policy = oauth2_bff_policy(&upstream, &tokens.server.url(), &upstream);
@@ -773,4 +877,54 @@ async fn a_failed_refresh_keeps_using_the_token_until_it_expires() {
     assert!(issued.load(Ordering::SeqCst) >= 2);
     log_line(&bff, &["svc", "answered 500 (server_error)"]).await;
     assert_no_leak(&bff, &[], &["tok-1", CLIENT_SECRET]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_already_expired_when_issued_is_used_and_not_fetched_per_call() {
+    let tokens = TokenEndpoint::start(0, Duration::ZERO);
+    let upstream = echo();
+    let policy = oauth2_bff_policy(&upstream, &tokens.server.url(), &upstream);
+    let bff = start(&policy).await;
+    let jwt = client_token();
+
+    for _ in 0..40 {
+        let reply = get(&bff, "/page", &jwt).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 40);
+    assert!(seen.iter().all(|r| r
+        .header("authorization")
+        .is_some_and(|v| v.starts_with("Bearer tok-"))));
+    // The 40 calls take well under the shortest lifetime; a very slow machine may refresh once.
+    assert!(
+        tokens.issued() <= 2,
+        "{} token requests for 40 calls",
+        tokens.issued()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_refuses_every_token_gets_at_most_one_new_token_a_second() {
+    let tokens = TokenEndpoint::start(3600, Duration::ZERO);
+    let upstream = MockServer::start(|_| MockReply::json(401, json!({"error": "revoked"})));
+    let policy = oauth2_bff_policy(&upstream, &tokens.server.url(), &upstream);
+    let bff = start(&policy).await;
+    let jwt = client_token();
+
+    // Every call is refused (and drops its token); the next call's fetch waits for the floor.
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let reply = get(&bff, "/page", &jwt).await;
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        calls += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(
+        (tokens.issued() as f64) <= seconds + 2.0,
+        "{} token requests in {seconds:.1} s ({calls} calls)",
+        tokens.issued()
+    );
+    assert!(tokens.issued() >= 2, "tokens are still fetched");
 }

@@ -620,3 +620,142 @@ fallthrough: app
         "still running"
     );
 }
+
+/// Waits (up to 10 s) until `check` holds.
+async fn eventually(what: &str, bff: &Bff, mut check: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < until, "{what}\n{}", bff.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_closes_the_pooled_connections_made_before_it() {
+    // Keep-alive: without a rotation, every call reuses the one pooled connection.
+    let upstream = TlsUpstream::builder().start();
+    let plain = plain_upstream();
+    let ca = read("ca.pem");
+    let secret = SecretDir::new(&read("client-a.pem"), &read("client-a.key"), &ca);
+    let (bff, _file) = start(&policy(&upstream.url(), &secret.tls(), &plain.url())).await;
+    for _ in 0..3 {
+        assert_eq!(get_ok(&bff, "/who").await["who"]["cn"], "client-a");
+    }
+    assert_eq!(upstream.connections(), 1, "pooled");
+
+    // A new client certificate: the connection made with client-a is closed, and the next
+    // call presents client-b on a new one (the old identity may have been revoked).
+    secret.swap(&read("client-b.pem"), &read("client-b.key"), &ca);
+    wait_for_log(&bff, "TLS client certificate reloaded", 1).await;
+    eventually("the client-a connection is closed", &bff, || {
+        upstream.closed() == 1
+    })
+    .await;
+    assert_eq!(cn_of_a_new_connection(&bff, &upstream).await, "client-b");
+    for _ in 0..3 {
+        assert_eq!(get_ok(&bff, "/who").await["who"]["cn"], "client-b");
+    }
+    assert_eq!(upstream.connections(), 2, "pooled again after the rotation");
+
+    // New trust anchors that no longer trust the server: the pooled connection verified with
+    // the old ones goes too, so calls fail instead of going on over it.
+    let (cert, key) = (read("client-b.pem"), read("client-b.key"));
+    secret.swap(&cert, &key, &read("other-ca.pem"));
+    wait_for_log(&bff, "TLS CA certificates reloaded", 1).await;
+    eventually(
+        "the connection verified with the old CA is closed",
+        &bff,
+        || upstream.closed() == 2,
+    )
+    .await;
+    let refused = http::get(&bff.url("/who")).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let served = upstream.seen().len();
+    assert_eq!(
+        served, 7,
+        "no call after the CA rotation reached the server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_file_that_hangs_holds_up_neither_reloads_nor_rotation() {
+    let upstream = TlsUpstream::builder().close_after_response().start();
+    let plain = plain_upstream();
+    let ca = read("ca.pem");
+    let secret = SecretDir::new(&read("client-a.pem"), &read("client-a.key"), &ca);
+    // `plain` carries a credential from the file `token`, beside the policy.
+    let yaml = policy(&upstream.url(), &secret.tls(), &plain.url()).replace(
+        "timeout: 5s }",
+        "timeout: 5s, credential: { header: Authorization, value: \"Bearer ${file:token}\" } }",
+    );
+    let file = write_policy(&yaml);
+    let token = file.dir().join("token");
+    fs::write(&token, "good-token\n").unwrap();
+    let bff = Bff::builder(file.path())
+        .env("BFF_LOG_FORMAT", "json")
+        .start()
+        .await;
+    assert_eq!(
+        get_ok(&bff, "/who-optional").await["plain"],
+        json!({"ok": true})
+    );
+    assert_eq!(cn_of_a_new_connection(&bff, &upstream).await, "client-a");
+
+    // The token file becomes a FIFO nobody writes to: opening it blocks for good (as a read
+    // from a hung NFS or CSI mount does).
+    fs::remove_file(&token).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&token)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let stuck = wait_for_log(
+        &bff,
+        "cannot read the secret again; the last good value stays in use",
+        1,
+    )
+    .await;
+    assert!(
+        stuck[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("did not finish within")),
+        "{}",
+        stuck[0]
+    );
+
+    // A policy change is still picked up (the hanging secret keeps its last good value)...
+    file.rewrite(&yaml.replace("path: /items/{id}", "path: /things/{id}"));
+    eventually("the changed policy is reloaded", &bff, || {
+        log_lines(&bff, "policy reloaded").len() == 1
+    })
+    .await;
+    let body = get_ok(&bff, "/things/7").await;
+    assert_eq!(body, json!({"cn": "client-a", "path": "/items/7"}));
+    // ...and so is SIGHUP...
+    bff.signal("HUP");
+    eventually("SIGHUP reloads the policy", &bff, || {
+        log_lines(&bff, "policy reloaded").len() == 2
+    })
+    .await;
+    // ...and a rotated client certificate.
+    secret.swap(&read("client-b.pem"), &read("client-b.key"), &ca);
+    wait_for_log(&bff, "TLS client certificate reloaded", 1).await;
+    assert_eq!(cn_of_a_new_connection(&bff, &upstream).await, "client-b");
+
+    // The calls that need the secret still carry its last good value.
+    let optional = get_ok(&bff, "/who-optional").await;
+    assert_eq!(optional["plain"], json!({"ok": true}));
+    let last = plain.requests().pop().expect("a call");
+    assert_eq!(last.header("authorization"), Some("Bearer good-token"));
+    let hanging = [
+        ("client", "web"),
+        ("upstream", "plain"),
+        ("key", "credential"),
+        ("reason", "hanging"),
+    ];
+    assert!(metric(&bff, "bff_secret_file_failures_total", &hanging).await >= 1.0);
+    assert_eq!(
+        log_lines(&bff, "policy refused; the previous policy keeps serving").len(),
+        0
+    );
+}

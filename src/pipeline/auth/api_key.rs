@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -16,6 +17,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::AuthFailure;
+use crate::policy::files::{self, ReadError};
 use crate::policy::ApiKeyAuth;
 
 /// A presented key longer than this is refused before hashing.
@@ -45,13 +47,7 @@ impl ApiKeySet {
             file: path.display().to_string(),
             reason,
         };
-        let size = std::fs::metadata(path)
-            .map_err(|e| fail(format!("cannot read it: {e}")))?
-            .len();
-        if size > MAX_FILE_BYTES {
-            return Err(fail(format!("larger than {MAX_FILE_BYTES} bytes")));
-        }
-        let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+        let bytes = read_keys_file(path).map_err(fail)?;
         ApiKeySet::parse(&bytes).map_err(fail)
     }
 
@@ -134,11 +130,21 @@ fn parse_hash(text: &str) -> Option<[u8; 32]> {
     Some(hash)
 }
 
+/// The keys file's bytes, bounded and timed (see `policy::files`).
+fn read_keys_file(path: &Path) -> Result<Vec<u8>, String> {
+    files::read(path, MAX_FILE_BYTES).map_err(|e| match e {
+        ReadError::Unreadable(e) => format!("cannot read it: {e}"),
+        e => e.to_string(),
+    })
+}
+
 /// The API keys a running policy accepts: the loader's set, replaced when the file changes.
 pub struct ApiKeys {
     header: HeaderName,
     file: PathBuf,
     set: ArcSwap<ApiKeySet>,
+    /// Whether the last read failed, so that a failure that lasts is logged once.
+    failing: AtomicBool,
 }
 
 impl ApiKeys {
@@ -147,6 +153,7 @@ impl ApiKeys {
             header: auth.header.clone(),
             file: auth.keys_file.clone(),
             set: ArcSwap::from_pointee(auth.keys.clone()),
+            failing: AtomicBool::new(false),
         }
     }
 
@@ -172,10 +179,18 @@ impl ApiKeys {
 
     /// Re-reads the keys file; a file that changed and cannot be used keeps the last good keys.
     pub fn refresh(&self) {
-        let Ok(bytes) = std::fs::read(&self.file) else {
+        let bytes = match files::read(&self.file, MAX_FILE_BYTES) {
+            Ok(bytes) => bytes,
             // Missing for a moment while Kubernetes swaps the directory; the next poll sees it.
-            return;
+            Err(ReadError::Unreadable(_)) => return,
+            Err(reason) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(file = %self.file.display(), %reason, "API keys file not read again; the last good keys stay in use");
+                }
+                return;
+            }
         };
+        self.failing.store(false, Ordering::Relaxed);
         if *bytes == *self.set.load().text {
             return;
         }

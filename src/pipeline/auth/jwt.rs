@@ -35,7 +35,6 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use moka::sync::Cache;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 
 use super::AuthFailure;
 use crate::policy::{self, JwtAuth, KeySource};
@@ -626,19 +625,12 @@ fn parse_jwks(bytes: &[u8]) -> Result<Vec<Key>, String> {
     Ok(keys)
 }
 
+/// The JWKS file, bounded and off the async loop: a file that hangs fails this load (the
+/// keys in use stay) instead of holding up the policy watch.
 async fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
-    let file = tokio::fs::File::open(path)
+    crate::policy::files::read_off_loop(path, MAX_JWKS_BYTES as u64)
         .await
-        .map_err(|e| e.to_string())?;
-    let mut bytes = Vec::new();
-    file.take(MAX_JWKS_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| e.to_string())?;
-    if bytes.len() > MAX_JWKS_BYTES {
-        return Err(format!("larger than {MAX_JWKS_BYTES} bytes"));
-    }
-    Ok(bytes)
+        .map_err(|e| e.to_string())
 }
 
 async fn fetch(

@@ -48,6 +48,7 @@ pub struct Seen {
 struct State {
     seen: Mutex<Vec<Seen>>,
     connections: AtomicUsize,
+    closed: AtomicUsize,
     handshake_failures: AtomicUsize,
 }
 
@@ -161,6 +162,11 @@ impl TlsUpstream {
         self.state.connections.load(Ordering::SeqCst)
     }
 
+    /// Connections that ended after a successful handshake (closed by either side).
+    pub fn closed(&self) -> usize {
+        self.state.closed.load(Ordering::SeqCst)
+    }
+
     /// Connections whose TLS handshake failed.
     pub fn handshake_failures(&self) -> usize {
         self.state.handshake_failures.load(Ordering::SeqCst)
@@ -199,6 +205,7 @@ async fn accept_loop(
                 .map(|cert| common_name(cert));
             let sni = session.server_name().map(str::to_string);
             let keep_alive = !options.close_after_response;
+            let served = state.clone();
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let seen = Seen {
                     cn: cn.clone(),
@@ -224,6 +231,7 @@ async fn accept_loop(
                 .keep_alive(keep_alive)
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
+            served.closed.fetch_add(1, Ordering::SeqCst);
         });
         while connections.try_join_next().is_some() {}
     }
