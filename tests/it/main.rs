@@ -15,6 +15,7 @@ mod jwt;
 mod k8s;
 mod lifecycle;
 mod passthrough;
+mod paths;
 mod proxy_route;
 mod rate_limit;
 mod redis_harness;
