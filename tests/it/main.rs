@@ -1,5 +1,6 @@
 //! Integration tests for `bff`: one test binary (`cargo test --test it`) so Pingora links once.
 
+mod admin;
 mod auth_methods;
 mod cache;
 mod cache_audit;
