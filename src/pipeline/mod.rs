@@ -1,7 +1,7 @@
 //! The request pipeline, one stage per module, in the order a request meets them:
-//! edge (trace id, loop check) → path (normalised, or refused) → route → auth (credential, route's `auth` and `scopes`) →
-//! rate_limit → inputs → cache (cached routes) → fanout (calls, each answer projected) → assemble
-//! → respond → observe;
+//! edge (trace id, loop check) → path (normalised, or refused) → route → auth (credential,
+//! route's `auth` and `scopes`) → rate_limit → inputs → cache (cached routes) → fanout (calls,
+//! each answer projected) → assemble → respond → observe;
 //! `proxy` routes take proxy_route instead of fanout and assemble. Auth follows routing because
 //! only matched routes need a token; rate limits follow auth because the verified credential
 //! names the identity they count.
