@@ -201,7 +201,8 @@ async fn an_unreadable_or_empty_token_file_fails_startup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_port_answers_until_the_drained_process_exits() {
     let upstream = MockServer::start(|_| {
-        MockReply::json(200, json!({"orderId": "1"})).delay(Duration::from_secs(3))
+        // Long enough that the request is surely still in flight while the port is checked.
+        MockReply::json(200, json!({"orderId": "1"})).delay(Duration::from_secs(5))
     });
     let file = policy(&upstream);
     let mut bff = Bff::builder(file.path())
@@ -253,7 +254,7 @@ async fn the_admin_port_answers_until_the_drained_process_exits() {
     let readyz = http::get(&bff.admin_url("/readyz")).await;
     assert_eq!(readyz.status, 503);
 
-    let reply = tokio::time::timeout(Duration::from_secs(10), in_flight)
+    let reply = tokio::time::timeout(Duration::from_secs(15), in_flight)
         .await
         .expect("the in-flight request completes")
         .expect("task")
