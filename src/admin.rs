@@ -208,8 +208,10 @@ impl Admin {
                     .headers()
                     .get(header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .map(str::trim);
+                    .and_then(|v| v.split_once(' '))
+                    // The scheme is case-insensitive (RFC 9110 §11.1).
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map(|(_, token)| token.trim());
                 if presented.is_some_and(|presented| token.admits(presented)) {
                     return None;
                 }

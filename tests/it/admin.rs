@@ -126,6 +126,14 @@ async fn control_endpoints_need_the_token_which_rotates_without_a_restart() {
         let reply = status(&bff, method, path, Some("first-token-0123456789")).await;
         assert_eq!(reply.status, 200, "{method} {path}: {}", reply.text());
     }
+    let lower = http::send(
+        "GET",
+        &bff.admin_url("/policy"),
+        &[("authorization", "bearer first-token-0123456789")],
+        "",
+    )
+    .await;
+    assert_eq!(lower.status, 200, "the scheme is case-insensitive");
     let described = status(&bff, "GET", "/policy", Some("first-token-0123456789")).await;
     assert_eq!(described.json()["routes"][0]["name"], "order");
     // The method is checked once the caller is known.
