@@ -21,6 +21,11 @@ pub const POLICY_VOLUME: &str = "bff-policy";
 /// Where the policy ConfigMap is mounted. A whole-directory mount (not `subPath`) so that a
 /// ConfigMap update reaches the file through the kubelet's symlink swap and bff reloads it.
 pub const POLICY_DIR: &str = "/etc/bff";
+/// The Secret holding the admin port's bearer token (key `token`), its volume, and where it
+/// is mounted: a directory mount, so a rotated Secret reaches bff, which re-reads the file.
+pub const ADMIN_TOKEN_SECRET: &str = "bff-admin-token";
+pub const ADMIN_TOKEN_VOLUME: &str = "bff-admin-token";
+pub const ADMIN_TOKEN_DIR: &str = "/var/run/secrets/bff-admin";
 /// Port names of the sidecar (at most 15 characters, as Kubernetes requires).
 pub const HTTP_PORT_NAME: &str = "bff-http";
 pub const ADMIN_PORT_NAME: &str = "bff-admin";
@@ -229,13 +234,14 @@ pub fn inject_pod(pod: &Value, options: &InjectOptions) -> Result<Injection, Pod
         }
     }
     let volumes = list_field(spec, "volumes", "spec.volumes")?;
-    if volumes
+    if let Some(taken) = volumes
         .iter()
-        .any(|v| v.get("name").and_then(Value::as_str) == Some(POLICY_VOLUME))
+        .filter_map(|v| v.get("name").and_then(Value::as_str))
+        .find(|name| [POLICY_VOLUME, ADMIN_TOKEN_VOLUME].contains(name))
     {
         return Err(pod_error(
             "spec.volumes",
-            format!("a volume named {POLICY_VOLUME:?} already exists"),
+            format!("a volume named {taken:?} already exists"),
         ));
     }
 
@@ -271,6 +277,10 @@ pub fn inject_pod(pod: &Value, options: &InjectOptions) -> Result<Injection, Pod
         "name": POLICY_VOLUME,
         "configMap": { "name": options.policy_configmap },
     }));
+    volumes.push(json!({
+        "name": ADMIN_TOKEN_VOLUME,
+        "secret": { "secretName": ADMIN_TOKEN_SECRET },
+    }));
     let grace = spec
         .get("terminationGracePeriodSeconds")
         .and_then(Value::as_u64);
@@ -293,6 +303,8 @@ pub fn sidecar_container(options: &InjectOptions) -> Value {
             "--policy", format!("{POLICY_DIR}/{}", options.policy_file),
             "--listen", format!("0.0.0.0:{}", options.listen_port),
             "--admin", format!("0.0.0.0:{}", options.admin_port),
+            // The admin port is on the pod IP: its control endpoints need this token.
+            "--admin-token-file", format!("{ADMIN_TOKEN_DIR}/token"),
         ],
         "ports": [
             { "name": HTTP_PORT_NAME, "containerPort": options.listen_port, "protocol": "TCP" },
@@ -325,6 +337,7 @@ pub fn sidecar_container(options: &InjectOptions) -> Value {
         },
         "volumeMounts": [
             { "name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": true },
+            { "name": ADMIN_TOKEN_VOLUME, "mountPath": ADMIN_TOKEN_DIR, "readOnly": true },
         ],
     });
     if let Some(map) = container.as_object_mut() {
@@ -825,7 +838,9 @@ mod tests {
                 "--listen",
                 "0.0.0.0:8081",
                 "--admin",
-                "0.0.0.0:9902"
+                "0.0.0.0:9902",
+                "--admin-token-file",
+                "/var/run/secrets/bff-admin/token"
             ])
         );
         assert_eq!(
@@ -838,11 +853,17 @@ mod tests {
         );
         assert_eq!(
             bff["volumeMounts"],
-            json!([{ "name": "bff-policy", "mountPath": "/etc/bff", "readOnly": true }])
+            json!([
+                { "name": "bff-policy", "mountPath": "/etc/bff", "readOnly": true },
+                { "name": "bff-admin-token", "mountPath": "/var/run/secrets/bff-admin", "readOnly": true }
+            ])
         );
         assert_eq!(
             out["spec"]["volumes"],
-            json!([{ "name": "bff-policy", "configMap": { "name": "web-policy" } }])
+            json!([
+                { "name": "bff-policy", "configMap": { "name": "web-policy" } },
+                { "name": "bff-admin-token", "secret": { "secretName": "bff-admin-token" } }
+            ])
         );
         assert_eq!(
             bff["env"],
@@ -919,6 +940,10 @@ mod tests {
             ),
             (
                 json!({ "spec": { "containers": [{ "name": "a" }], "volumes": [{ "name": "bff-policy" }] } }),
+                "spec.volumes",
+            ),
+            (
+                json!({ "spec": { "containers": [{ "name": "a" }], "volumes": [{ "name": "bff-admin-token" }] } }),
                 "spec.volumes",
             ),
             (

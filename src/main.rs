@@ -160,9 +160,13 @@ struct RunArgs {
     /// Data-plane listener (client traffic).
     #[arg(long, env = "BFF_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
-    /// Admin listener: /metrics, /healthz, /readyz, /policy.
+    /// Admin listener: /metrics, /healthz, /readyz, /policy, DELETE /cache/….
     #[arg(long, env = "BFF_ADMIN", default_value = "127.0.0.1:9901")]
     admin: String,
+    /// File holding the bearer token of the admin port's /policy and DELETE /cache/… (re-read
+    /// when it changes); without it they answer only on a loopback admin port.
+    #[arg(long, env = "BFF_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Redis of the shared L2 cache: redis://host:port, or redis+cluster://host:port,host:port
     /// for a Redis Cluster (without it the cache is in-process only).
     #[arg(long, env = "BFF_REDIS_URL")]
@@ -200,6 +204,7 @@ fn main() -> ExitCode {
                     policy: args.policy,
                     listen: args.listen,
                     admin: args.admin,
+                    admin_token_file: args.admin_token_file,
                     threads: args.threads,
                     grace_period: args.grace_period,
                     redis,

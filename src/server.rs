@@ -1,5 +1,5 @@
-//! Wiring: the Pingora server with the data-plane and admin listeners, the policy watcher, and
-//! SIGTERM draining.
+//! Wiring: the Pingora server with the data-plane listener and the policy watcher, the admin
+//! port beside it, and SIGTERM draining.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -11,11 +11,10 @@ use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
-use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
-use crate::admin::Admin;
+use crate::admin::{self, Admin, ControlAccess};
 use crate::cache::{RedisTarget, L2};
 use crate::metrics::ReloadResult;
 use crate::pipeline::auth::Verifier;
@@ -42,6 +41,8 @@ pub struct RunOptions {
     pub policy: PathBuf,
     pub listen: String,
     pub admin: String,
+    /// The bearer token of the admin port's control endpoints.
+    pub admin_token_file: Option<PathBuf>,
     pub threads: usize,
     /// Longest time SIGTERM waits for in-flight requests before the process exits.
     pub grace_period: Duration,
@@ -53,12 +54,25 @@ pub struct RunOptions {
 pub fn run(options: RunOptions, policy: Policy) -> ! {
     // Pingora retries a busy port for half a minute and then fails inside its runtime, leaving
     // a process that looks alive; a sidecar should fail at once and say why.
-    for (flag, address) in [("--listen", &options.listen), ("--admin", &options.admin)] {
-        if let Err(e) = std::net::TcpListener::bind(address.as_str()) {
-            error!("cannot listen on {address} ({flag}): {e}");
-            eprintln!("bff: cannot listen on {address} ({flag}): {e}");
-            std::process::exit(1);
-        }
+    if let Err(e) = std::net::TcpListener::bind(options.listen.as_str()) {
+        fail(&format!(
+            "cannot listen on {} (--listen): {e}",
+            options.listen
+        ));
+    }
+    let admin_listener = std::net::TcpListener::bind(options.admin.as_str()).unwrap_or_else(|e| {
+        fail(&format!(
+            "cannot listen on {} (--admin): {e}",
+            options.admin
+        ))
+    });
+    let control = admin_listener
+        .local_addr()
+        .map_err(|e| format!("cannot listen on {} (--admin): {e}", options.admin))
+        .and_then(|address| ControlAccess::new(options.admin_token_file.as_deref(), address))
+        .unwrap_or_else(|e| fail(&e));
+    if matches!(control, ControlAccess::Off) {
+        tracing::warn!(admin = %options.admin, "no --admin-token-file and the admin port is not on loopback: /policy and DELETE /cache/… answer 403");
     }
     let conf = ServerConf {
         threads: options.threads.max(1),
@@ -86,14 +100,15 @@ pub fn run(options: RunOptions, policy: Policy) -> ! {
         }),
     );
 
-    let mut admin = Service::new(
-        "admin".to_string(),
-        Admin {
-            shared: shared.clone(),
-        },
-    );
-    admin.add_tcp(&options.admin);
-    admin.threads = Some(1);
+    // Outside Pingora's services: they stop at SIGTERM, and the probes and Prometheus must
+    // still be answered while the data plane drains.
+    let admin = Admin {
+        shared: shared.clone(),
+        control,
+    };
+    if let Err(e) = admin::spawn(admin_listener, admin) {
+        fail(&e);
+    }
 
     let watcher = background_service(
         "policy-watch",
@@ -106,7 +121,6 @@ pub fn run(options: RunOptions, policy: Policy) -> ! {
     );
 
     server.add_service(proxy);
-    server.add_service(admin);
     server.add_service(watcher);
     info!(listen = %options.listen, admin = %options.admin, policy = %options.policy.display(), "bff starting");
     server.run(RunArgs {
@@ -116,6 +130,12 @@ pub fn run(options: RunOptions, policy: Policy) -> ! {
         }),
     });
     std::process::exit(0)
+}
+
+fn fail(message: &str) -> ! {
+    error!("{message}");
+    eprintln!("bff: {message}");
+    std::process::exit(1)
 }
 
 /// Reloads the policy on SIGHUP and when the file's content changes. An invalid policy is

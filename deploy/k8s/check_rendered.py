@@ -164,6 +164,12 @@ for deployment in deployments:
         port = ports.get(probe.get("port"), probe.get("port"))
         if probe.get("path") != path or port != admin_port:
             problem(f"bff's {probe_name} must GET {path} on the admin port {admin_port}")
+    token_file = env_value("BFF_ADMIN_TOKEN_FILE")
+    secret_volumes = {v["name"] for v in spec.get("volumes", []) if "secret" in v}
+    if not token_file or not any(
+            m["name"] in secret_volumes and token_file.startswith(m["mountPath"].rstrip("/") + "/")
+            for m in bff.get("volumeMounts", [])):
+        problem("bff's admin port is on the pod IP: BFF_ADMIN_TOKEN_FILE must name a file in a mounted Secret")
     if "USER_SVC_TOKEN" not in env or "secretKeyRef" not in env["USER_SVC_TOKEN"].get("valueFrom", {}):
         problem("bff's USER_SVC_TOKEN must come from a Secret")
     security = bff.get("securityContext", {})

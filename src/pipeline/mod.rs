@@ -1,13 +1,14 @@
 //! The request pipeline, one stage per module, in the order a request meets them:
-//! edge (trace id, loop check) → route → auth (credential, route's `auth` and `scopes`) →
-//! rate_limit → inputs → cache (cached routes) → fanout (calls, each answer projected) → assemble
-//! → respond → observe;
+//! edge (trace id, loop check) → path (normalised, or refused) → route → auth (credential,
+//! route's `auth` and `scopes`) → rate_limit → inputs → cache (cached routes) → fanout (calls,
+//! each answer projected) → assemble → respond → observe;
 //! `proxy` routes take proxy_route instead of fanout and assemble. Auth follows routing because
 //! only matched routes need a token; rate limits follow auth because the verified credential
 //! names the identity they count (the limit on failed authentications is asked just before
 //! auth, by client address).
 
 pub mod edge;
+pub mod path;
 pub mod route;
 pub mod auth;
 pub mod rate_limit;
@@ -55,6 +56,11 @@ pub async fn handle(
         respond::error(session, ctx, &ErrorCode::LoopDetected.into(), &[]).await?;
         return Ok(true);
     }
+    if !normalize_path(session) {
+        respond::error(session, ctx, &ErrorCode::BadRequest.into(), &[]).await?;
+        return Ok(true);
+    }
+    let request = session.req_header();
     match policy.table.lookup(&request.method, request.uri.path()) {
         Lookup::Found { route, params } => {
             let Some(route) = policy.route(route).cloned() else {
@@ -122,6 +128,33 @@ pub async fn handle(
             respond::error(session, ctx, &ErrorCode::BadRequest.into(), &[]).await?;
             Ok(true)
         }
+    }
+}
+
+/// Puts the request's path in its normal form (`path::normalize`) in the request itself, so
+/// routing, the logs and the fall-through to the app all see the same path; the query is left
+/// as sent. False when the path is refused.
+fn normalize_path(session: &mut Session) -> bool {
+    let request = session.req_header();
+    // A target that is not UTF-8 is forwarded as its raw bytes, not as what was routed on.
+    if !request.raw_path_is_utf8() {
+        return false;
+    }
+    let normal = match path::normalize(request.uri.path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return true,
+        Ok(std::borrow::Cow::Owned(normal)) => normal,
+        Err(_) => return false,
+    };
+    let target = match request.uri.query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    match http::Uri::builder().path_and_query(target).build() {
+        Ok(uri) => {
+            session.req_header_mut().set_uri(uri);
+            true
+        }
+        Err(_) => false,
     }
 }
 

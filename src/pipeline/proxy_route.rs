@@ -77,7 +77,9 @@ async fn call(
             headers.insert(name, value.clone());
         }
     }
-    let method = request.method.clone();
+    // The route's method: a `HEAD` served by a `GET` route calls the upstream with `GET`,
+    // whose answer (projected) gives the headers; the client gets no body.
+    let method = route.method.clone();
     let body = read_body(session).await?;
     let client = upstreams
         .client(&target.upstream)

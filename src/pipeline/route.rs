@@ -1,4 +1,6 @@
 //! Routing: method + path → the policy route that owns the request, with its path parameters.
+//! Paths arrive normalised (`pipeline::path`); a trailing slash does not change the route, and
+//! `HEAD` is served by the `GET` route of a path that has no `HEAD` route of its own.
 
 use http::Method;
 use indexmap::IndexMap;
@@ -36,7 +38,7 @@ impl RouteTable {
         let mut by_path: IndexMap<&str, Vec<(Method, usize)>> = IndexMap::new();
         let mut errors = Vec::new();
         for (index, (method, path)) in routes.enumerate() {
-            let entry = by_path.entry(path).or_default();
+            let entry = by_path.entry(without_trailing_slash(path)).or_default();
             if entry.iter().any(|(m, _)| *m == method) {
                 errors.push((
                     index,
@@ -66,14 +68,22 @@ impl RouteTable {
         }
     }
 
+    /// `path` must be normalised (`pipeline::path::normalize`).
     pub fn lookup(&self, method: &Method, path: &str) -> Lookup {
-        let Ok(found) = self.router.at(path) else {
+        let Ok(found) = self.router.at(without_trailing_slash(path)) else {
             return Lookup::NotFound;
         };
-        let Some((_, route)) = found.value.iter().find(|(m, _)| m == method) else {
-            return Lookup::WrongMethod {
-                allow: found.value.iter().map(|(m, _)| m.clone()).collect(),
-            };
+        let serving = |method: &Method| found.value.iter().find(|(m, _)| m == method);
+        let chosen = match serving(method) {
+            None if *method == Method::HEAD => serving(&Method::GET),
+            chosen => chosen,
+        };
+        let Some((_, route)) = chosen else {
+            let mut allow: Vec<Method> = found.value.iter().map(|(m, _)| m.clone()).collect();
+            if allow.contains(&Method::GET) && !allow.contains(&Method::HEAD) {
+                allow.push(Method::HEAD);
+            }
+            return Lookup::WrongMethod { allow };
         };
         let mut params = Vec::with_capacity(found.params.len());
         for (name, raw) in found.params.iter() {
@@ -86,6 +96,14 @@ impl RouteTable {
             route: *route,
             params,
         }
+    }
+}
+
+/// `/a/` and `/a` are one route (and so one collision); `/` stays itself.
+fn without_trailing_slash(path: &str) -> &str {
+    match path.strip_suffix('/') {
+        Some(stripped) if !stripped.is_empty() => stripped,
+        _ => path,
     }
 }
 
@@ -129,11 +147,39 @@ mod tests {
         assert_eq!(
             t.lookup(&Method::DELETE, "/a/1"),
             Lookup::WrongMethod {
-                allow: vec![Method::GET, Method::POST]
+                allow: vec![Method::GET, Method::POST, Method::HEAD]
             }
         );
         assert_eq!(t.lookup(&Method::GET, "/b"), Lookup::NotFound);
         assert_eq!(t.lookup(&Method::GET, "/a/%FF"), Lookup::BadPath);
+    }
+
+    #[test]
+    fn trailing_slash_and_head_find_the_route() {
+        let t = table(&[("GET", "/a/{id}"), ("POST", "/b/"), ("GET", "/")]).unwrap();
+        let found = |route, params: &[(&str, &str)]| Lookup::Found {
+            route,
+            params: params
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+        };
+        assert_eq!(t.lookup(&Method::GET, "/a/1/"), found(0, &[("id", "1")]));
+        assert_eq!(t.lookup(&Method::HEAD, "/a/1"), found(0, &[("id", "1")]));
+        assert_eq!(t.lookup(&Method::POST, "/b"), found(1, &[]));
+        assert_eq!(t.lookup(&Method::POST, "/b/"), found(1, &[]));
+        assert_eq!(t.lookup(&Method::GET, "/"), found(2, &[]));
+        assert_eq!(
+            t.lookup(&Method::HEAD, "/b"),
+            Lookup::WrongMethod {
+                allow: vec![Method::POST]
+            }
+        );
+        // A route of its own for HEAD wins over GET's.
+        let t = table(&[("GET", "/a"), ("HEAD", "/a")]).unwrap();
+        assert_eq!(t.lookup(&Method::HEAD, "/a"), found(1, &[]));
+        // `/a` and `/a/` are the same route.
+        assert!(table(&[("GET", "/a"), ("GET", "/a/")]).is_err());
     }
 
     #[test]

@@ -1724,6 +1724,12 @@ fn path_params(path: &str) -> Result<Vec<String>, String> {
     if !path.starts_with('/') {
         return Err(format!("route path `{path}` must start with `/`"));
     }
+    // Requests are routed on their normalised path (`pipeline::path`), which has none of these.
+    if path.contains("//") || path.split('/').any(|s| s == "." || s == "..") {
+        return Err(format!(
+            "route path `{path}` has an empty, `.` or `..` segment, which no request path can match"
+        ));
+    }
     let mut params = Vec::new();
     for segment in path.split('/').skip(1) {
         if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
@@ -1907,5 +1913,14 @@ routes:
                 ..super::BreakerPolicy::default()
             })
         );
+    }
+
+    #[test]
+    fn route_paths_are_in_the_normal_form_requests_are_routed_on() {
+        assert_eq!(super::path_params("/a/{id}/"), Ok(vec!["id".to_string()]));
+        for path in ["/a//b", "//a", "/a/./b", "/a/..", "/./a"] {
+            let err = super::path_params(path).unwrap_err();
+            assert!(err.contains("`.` or `..` segment"), "{path}: {err}");
+        }
     }
 }

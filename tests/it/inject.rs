@@ -134,7 +134,9 @@ fn assert_sidecar_shape(bff: &Value, listen: u16, admin: u16, file: &str) {
             "--listen",
             format!("0.0.0.0:{listen}"),
             "--admin",
-            format!("0.0.0.0:{admin}")
+            format!("0.0.0.0:{admin}"),
+            "--admin-token-file",
+            "/var/run/secrets/bff-admin/token"
         ])
     );
     let ports: Vec<&Value> = bff["ports"].as_array().expect("ports").iter().collect();
@@ -150,7 +152,10 @@ fn assert_sidecar_shape(bff: &Value, listen: u16, admin: u16, file: &str) {
     );
     assert_eq!(
         bff["volumeMounts"],
-        json!([{ "name": "bff-policy", "mountPath": "/etc/bff", "readOnly": true }])
+        json!([
+            { "name": "bff-policy", "mountPath": "/etc/bff", "readOnly": true },
+            { "name": "bff-admin-token", "mountPath": "/var/run/secrets/bff-admin", "readOnly": true }
+        ])
     );
     assert_eq!(bff["securityContext"]["runAsNonRoot"], true);
     assert_eq!(bff["securityContext"]["readOnlyRootFilesystem"], true);
@@ -175,6 +180,15 @@ fn assert_policy_volume(spec: &Value, configmap: &str) {
     assert_eq!(
         policy,
         [&json!({ "name": "bff-policy", "configMap": { "name": configmap } })]
+    );
+    // The admin port is on the pod IP: its token comes from a Secret.
+    let token: Vec<&Value> = volumes
+        .iter()
+        .filter(|v| v["name"] == "bff-admin-token")
+        .collect();
+    assert_eq!(
+        token,
+        [&json!({ "name": "bff-admin-token", "secret": { "secretName": "bff-admin-token" } })]
     );
 }
 

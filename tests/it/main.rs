@@ -1,5 +1,6 @@
 //! Integration tests for `bff`: one test binary (`cargo test --test it`) so Pingora links once.
 
+mod admin;
 mod auth_methods;
 mod breaker;
 mod cache;
@@ -16,6 +17,7 @@ mod jwt;
 mod k8s;
 mod lifecycle;
 mod passthrough;
+mod paths;
 mod proxy_route;
 mod rate_limit;
 mod redis_harness;
