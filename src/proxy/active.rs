@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::metrics::Metrics;
 use crate::pipeline::auth::{ApiKeys, Verifier};
 use crate::pipeline::rate_limit::RateLimits;
-use crate::policy::Policy;
+use crate::policy::{JwtAuth, Policy};
 use crate::upstream::{AppPeer, Upstreams};
 
 pub struct Active {
@@ -26,17 +26,23 @@ pub struct Active {
 
 impl Active {
     /// `previous`: the policy in force, whose token verifier (and the keys it holds) is kept
-    /// when the `auth` section did not change, and whose rate-limit buckets are kept for each
-    /// limit that did not change.
+    /// when the `jwt` settings did not change, whose keys are kept when only the key source
+    /// stayed the same, and whose rate-limit buckets are kept for each limit that did not
+    /// change. Building has no effect on `previous`: a refused reload leaves it as it was.
     pub fn new(policy: Policy, metrics: &Arc<Metrics>, previous: Option<&Active>) -> Active {
         let upstreams = Upstreams::build(&policy, metrics);
         let app = policy.fallthrough.clone().map(AppPeer::new);
         let auth = policy.auth.as_ref();
         let verifier = auth.and_then(|a| a.jwt.as_ref()).map(|jwt| {
-            previous
-                .filter(|p| p.policy.auth.as_ref().and_then(|a| a.jwt.as_ref()) == Some(jwt))
-                .and_then(|p| p.verifier.clone())
-                .unwrap_or_else(|| Arc::new(Verifier::new(jwt)))
+            match previous.and_then(|p| Some((p.jwt()?, p.verifier.as_ref()?))) {
+                Some((old, verifier)) if old == jwt => verifier.clone(),
+                Some((old, verifier)) if old.keys == jwt.keys => {
+                    let fresh = Verifier::new(jwt);
+                    fresh.take_keys_of(verifier);
+                    Arc::new(fresh)
+                }
+                _ => Arc::new(Verifier::new(jwt)),
+            }
         });
         let api_keys = auth.and_then(|a| a.api_key.as_ref()).map(ApiKeys::new);
         let rate_limits = RateLimits::new(&policy, previous.map(|p| &p.rate_limits));
@@ -64,12 +70,24 @@ impl Active {
         self.upstreams.refresh_files();
     }
 
-    /// Loads the token keys unless they are loaded already.
-    pub async fn load_keys(&self) -> Result<(), crate::pipeline::auth::KeyLoadError> {
-        match &self.verifier {
-            Some(verifier) if !verifier.has_keys() => verifier.load_keys().await,
-            _ => Ok(()),
+    /// Loads the token keys of a key source this policy brings and `previous` did not have: a
+    /// reload whose new source cannot be loaded must be refused, or every token would fail.
+    /// A source already in force keeps its keys, and its retries while it has none.
+    pub async fn load_new_keys(
+        &self,
+        previous: &Active,
+    ) -> Result<(), crate::pipeline::auth::KeyLoadError> {
+        let (Some(jwt), Some(verifier)) = (self.jwt(), &self.verifier) else {
+            return Ok(());
+        };
+        if previous.jwt().map(|old| &old.keys) == Some(&jwt.keys) {
+            return Ok(());
         }
+        verifier.load_keys().await
+    }
+
+    fn jwt(&self) -> Option<&JwtAuth> {
+        self.policy.auth.as_ref()?.jwt.as_ref()
     }
 }
 

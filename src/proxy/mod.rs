@@ -21,6 +21,7 @@ pub use ctx::{Claims, RequestCtx};
 use crate::cache::Cache;
 use crate::envelope::{Envelope, ErrorCode};
 use crate::metrics::Metrics;
+use crate::pipeline::auth::KeyLoadError;
 use crate::pipeline::{self, edge, observe, respond};
 use crate::policy::Policy;
 use crate::upstream;
@@ -49,14 +50,14 @@ impl Shared {
     }
 
     /// Puts a newly loaded policy in force; requests under way keep the one they started on.
-    /// New token keys are loaded first; if they cannot be, the policy still goes in (the old
-    /// keys may be the wrong ones) and the key refresh keeps trying.
-    pub async fn install(&self, policy: Policy) {
-        let active = Active::new(policy, &self.metrics, Some(&self.policy.load()));
-        if let Err(e) = active.load_keys().await {
-            error!(error = %e, "token keys of the new policy not loaded yet; retrying");
-        }
+    /// A key source the policy brings is loaded first; if it cannot be, the policy is refused
+    /// and the one in force keeps serving (with the old keys, every token still verifies).
+    pub async fn install(&self, policy: Policy) -> Result<(), KeyLoadError> {
+        let previous = self.policy.load_full();
+        let active = Active::new(policy, &self.metrics, Some(&previous));
+        active.load_new_keys(&previous).await?;
         self.policy.store(Arc::new(active));
+        Ok(())
     }
 
     /// Ready for traffic: started, not draining, token keys loaded.
