@@ -5,8 +5,10 @@
 //! recomputed in the background (`early`); one past its expiry but inside
 //! `stale_while_revalidate` likewise (`stale`); anything else is a `miss`, recomputed once per
 //! key in this process (the other requests wait for it: single-flight) and, with Redis, once
-//! per key across instances (a short lock; a waiter that gives up recomputes itself). Only
-//! whole answers are stored, and degraded ones only when the route sets `degraded_ttl`.
+//! per key across instances (a short lock; a waiter recomputes itself as soon as the lock is
+//! released without an entry, or when its wait ends, never past its deadline). Only whole
+//! answers are stored, and degraded ones only when the route sets `degraded_ttl` and the key
+//! holds no complete entry: a degraded refresh never replaces a complete answer.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -273,25 +275,25 @@ async fn recompute(
                 }
                 // Another instance is at it: a background refresh leaves it the work.
                 Some(false) if trigger != Trigger::Miss => return Err(Failed::Busy),
-                Some(false) => match wait_for_holder(&cache, l2, &work, &key, &policy, give_up)
-                    .await
-                {
-                    Waited::Entry(entry) => {
-                        let [client, route] = work.labels();
-                        work.metrics
-                            .cache_coalesced_total
-                            .with_label_values(&[client, route])
-                            .inc();
-                        return Ok(entry);
+                Some(false) => {
+                    match wait_for_holder(&cache, l2, &work, &key, &policy, give_up).await {
+                        Waited::Entry(entry) => {
+                            let [client, route] = work.labels();
+                            work.metrics
+                                .cache_coalesced_total
+                                .with_label_values(&[client, route])
+                                .inc();
+                            return Ok(entry);
+                        }
+                        // Released without an entry (the holder's answer was not stored): this
+                        // one computes at once, under the lock if no other instance took it.
+                        Waited::Released => continue,
+                        Waited::GaveUp => {
+                            tracing::debug!(%key, "the instance holding the recompute lock did not answer in time; recomputing");
+                            break;
+                        }
                     }
-                    // Released without an entry (the holder's answer was not stored): this
-                    // one computes at once, under the lock if no other instance took it.
-                    Waited::Released => continue,
-                    Waited::GaveUp => {
-                        tracing::debug!(%key, "the instance holding the recompute lock did not answer in time; recomputing");
-                        break;
-                    }
-                },
+                }
                 // Redis failed: recompute without the lock rather than not at all.
                 None => break,
             }
@@ -394,9 +396,7 @@ async fn wait_for_holder(
 /// fresh or inside its stale window.
 async fn holds_complete(cache: &Cache, work: &Work, key: &str, policy: &CachePolicy) -> bool {
     let complete = |e: &Entry| {
-        !e.sections.is_degraded()
-            && e.version == work.route.version
-            && e.shape == work.route.shape
+        !e.sections.is_degraded() && e.version == work.route.version && e.shape == work.route.shape
     };
     if cache.l1_get(key).is_some_and(|e| complete(&e)) {
         return true;

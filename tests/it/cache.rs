@@ -324,7 +324,8 @@ async fn a_degraded_refresh_never_replaces_a_complete_entry() {
             MockReply::json(503, json!({}))
         }
     });
-    let cache = "{ scope: user, ttl: 2s, stale_while_revalidate: 30s, degraded_ttl: 10s, beta: 0.000001 }";
+    let cache =
+        "{ scope: user, ttl: 2s, stale_while_revalidate: 30s, degraded_ttl: 10s, beta: 0.000001 }";
     let yaml = policy(&users.url(), cache, "[n]").replace("http://127.0.0.1:9", &tips.url());
     let (bff, _file) = start(&yaml).await;
     let complete = get(&bff, "/page", "ada").await;
@@ -348,7 +349,12 @@ async fn a_degraded_refresh_never_replaces_a_complete_entry() {
     for _ in 0..5 {
         let reply = get(&bff, "/page", "ada").await;
         assert_eq!(cache_word(&reply), "stale");
-        assert_eq!(reply.json()["tips"], json!({"t": "drink water"}), "{}", reply.text());
+        assert_eq!(
+            reply.json()["tips"],
+            json!({"t": "drink water"}),
+            "{}",
+            reply.text()
+        );
         assert_ne!(reply.json()["meta"]["degraded"], json!(true));
         assert_eq!(reply.header("x-bff-degraded"), None);
         assert_eq!(reply.json()["me"], complete.json()["me"]);

@@ -271,7 +271,10 @@ async fn a_dead_lock_holder_blocks_a_key_no_longer_than_its_lock() {
     let took = started.elapsed();
     assert_eq!(reply.status, 504, "{}", reply.text());
     assert_eq!(reply.json()["error"]["code"], "DEADLINE_EXCEEDED");
-    assert!(took < Duration::from_secs(6), "answered after {took:?}, deadline 3 s");
+    assert!(
+        took < Duration::from_secs(6),
+        "answered after {took:?}, deadline 3 s"
+    );
 }
 
 /// Three upstreams: `missing` answers 404 after `SLOW_FAILURE` (nothing to store), `users`
@@ -321,7 +324,10 @@ async fn a_then_b(
     };
     let until = Instant::now() + Duration::from_secs(10);
     while upstream.requests().is_empty() {
-        assert!(Instant::now() < until, "instance a never called {path}'s upstream");
+        assert!(
+            Instant::now() < until,
+            "instance a never called {path}'s upstream"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let started = Instant::now();

@@ -576,7 +576,12 @@ async fn assert_tokens_verify(setup: &Setup, round: usize) {
     for alg in [Algorithm::RS256, Algorithm::ES256] {
         let token = sign(alg, &claims(json!({ "jti": format!("round-{round}") })));
         let reply = bearer(&setup.bff, &token).await;
-        assert_eq!(reply.status, 200, "round {round}, {alg:?}: {}", reply.text());
+        assert_eq!(
+            reply.status,
+            200,
+            "round {round}, {alg:?}: {}",
+            reply.text()
+        );
     }
     let readyz = http::get(&setup.bff.admin_url("/readyz")).await;
     assert_eq!(readyz.status, 200, "round {round}: {}", readyz.text());
@@ -603,9 +608,11 @@ async fn a_reload_whose_key_source_cannot_be_loaded_is_refused_and_the_old_polic
             let file = file.display().to_string();
             (format!("jwks_file: \"{file}\""), file)
         })
-        .chain([&down, &jwks_url(&garbage)].iter().map(|url| {
-            (format!("jwks_url: \"{url}\""), url.to_string())
-        }))
+        .chain(
+            [&down, &jwks_url(&garbage)]
+                .iter()
+                .map(|url| (format!("jwks_url: \"{url}\""), url.to_string())),
+        )
         .collect();
     assert_tokens_verify(&setup, 0).await;
     for (round, (source, location)) in broken.iter().enumerate() {
@@ -639,7 +646,11 @@ async fn a_reload_whose_key_source_cannot_be_loaded_is_refused_and_the_old_polic
     reloads_reach(&setup.bff, "ok", 1.0).await;
     let fetched = setup.jwks.fetches();
     assert_tokens_verify(&setup, 10).await;
-    assert_eq!(setup.jwks.fetches(), fetched, "the old key source was asked");
+    assert_eq!(
+        setup.jwks.fetches(),
+        fetched,
+        "the old key source was asked"
+    );
 
     // A reload that keeps the key source keeps its keys: no read, so it cannot fail on one.
     std::fs::remove_file(&good).expect("remove jwks.json");
@@ -649,7 +660,12 @@ async fn a_reload_whose_key_source_cannot_be_loaded_is_refused_and_the_old_polic
     reloads_reach(&setup.bff, "ok", 2.0).await;
     assert_tokens_verify(&setup, 11).await;
     assert_eq!(
-        metric(&setup.bff, "bff_policy_reloads_total", &[("result", "invalid")]).await,
+        metric(
+            &setup.bff,
+            "bff_policy_reloads_total",
+            &[("result", "invalid")]
+        )
+        .await,
         broken.len() as f64
     );
 }
