@@ -25,25 +25,39 @@ pub struct Active {
 }
 
 impl Active {
-    /// `previous`: the policy in force, whose token verifier (and the keys it holds) is kept
-    /// when the `jwt` settings did not change, whose keys are kept when only the key source
-    /// stayed the same, and whose rate-limit buckets are kept for each limit that did not
-    /// change. Building has no effect on `previous`: a refused reload leaves it as it was.
-    pub fn new(policy: Policy, metrics: &Arc<Metrics>, previous: Option<&Active>) -> Active {
-        let upstreams = Upstreams::build(&policy, metrics);
-        let app = policy.fallthrough.clone().map(AppPeer::new);
-        let auth = policy.auth.as_ref();
-        let verifier = auth.and_then(|a| a.jwt.as_ref()).map(|jwt| {
+    /// The token verifier `policy` needs, given the policy in force (`previous`): its
+    /// verifier (and the keys it holds) when the `jwt` settings did not change; a new one
+    /// holding its keys when only the key source stayed the same; else a new one without keys,
+    /// marked `true`: its key source is new, and must be loaded before the policy goes in.
+    pub fn verifier_for(
+        policy: &Policy,
+        previous: Option<&Active>,
+    ) -> Option<(Arc<Verifier>, bool)> {
+        let jwt = policy.auth.as_ref()?.jwt.as_ref()?;
+        Some(
             match previous.and_then(|p| Some((p.jwt()?, p.verifier.as_ref()?))) {
-                Some((old, verifier)) if old == jwt => verifier.clone(),
+                Some((old, verifier)) if old == jwt => (verifier.clone(), false),
                 Some((old, verifier)) if old.keys == jwt.keys => {
                     let fresh = Verifier::new(jwt);
                     fresh.take_keys_of(verifier);
-                    Arc::new(fresh)
+                    (Arc::new(fresh), false)
                 }
-                _ => Arc::new(Verifier::new(jwt)),
-            }
-        });
+                _ => (Arc::new(Verifier::new(jwt)), true),
+            },
+        )
+    }
+
+    /// `verifier`: from [`Active::verifier_for`]. `previous`: the policy in force, whose
+    /// rate-limit buckets are kept for each limit that did not change.
+    pub fn new(
+        policy: Policy,
+        metrics: &Arc<Metrics>,
+        previous: Option<&Active>,
+        verifier: Option<Arc<Verifier>>,
+    ) -> Active {
+        let upstreams = Upstreams::build(&policy, metrics);
+        let app = policy.fallthrough.clone().map(AppPeer::new);
+        let auth = policy.auth.as_ref();
         let api_keys = auth.and_then(|a| a.api_key.as_ref()).map(ApiKeys::new);
         let rate_limits = RateLimits::new(&policy, previous.map(|p| &p.rate_limits));
         Active {
@@ -68,22 +82,6 @@ impl Active {
             keys.refresh();
         }
         self.upstreams.refresh_files();
-    }
-
-    /// Loads the token keys of a key source this policy brings and `previous` did not have: a
-    /// reload whose new source cannot be loaded must be refused, or every token would fail.
-    /// A source already in force keeps its keys, and its retries while it has none.
-    pub async fn load_new_keys(
-        &self,
-        previous: &Active,
-    ) -> Result<(), crate::pipeline::auth::KeyLoadError> {
-        let (Some(jwt), Some(verifier)) = (self.jwt(), &self.verifier) else {
-            return Ok(());
-        };
-        if previous.jwt().map(|old| &old.keys) == Some(&jwt.keys) {
-            return Ok(());
-        }
-        verifier.load_keys().await
     }
 
     fn jwt(&self) -> Option<&JwtAuth> {

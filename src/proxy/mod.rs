@@ -40,8 +40,10 @@ pub struct Shared {
 impl Shared {
     pub fn new(policy: Policy) -> Self {
         let metrics = Arc::new(Metrics::new());
+        // Keys are loaded by the background job: the sidecar may start before its JWKS is up.
+        let verifier = Active::verifier_for(&policy, None).map(|(verifier, _)| verifier);
         Shared {
-            policy: ArcSwap::from_pointee(Active::new(policy, &metrics, None)),
+            policy: ArcSwap::from_pointee(Active::new(policy, &metrics, None, verifier)),
             cache: Arc::new(Cache::new(crate::cache::L1_BYTES)),
             metrics,
             in_flight: Arc::new(AtomicUsize::new(0)),
@@ -54,8 +56,13 @@ impl Shared {
     /// and the one in force keeps serving (with the old keys, every token still verifies).
     pub async fn install(&self, policy: Policy) -> Result<(), KeyLoadError> {
         let previous = self.policy.load_full();
-        let active = Active::new(policy, &self.metrics, Some(&previous));
-        active.load_new_keys(&previous).await?;
+        let verifier = Active::verifier_for(&policy, Some(&previous));
+        // Before anything else is built: a refused policy leaves no trace (not even a gauge).
+        if let Some((verifier, true)) = &verifier {
+            verifier.load_keys().await?;
+        }
+        let verifier = verifier.map(|(verifier, _)| verifier);
+        let active = Active::new(policy, &self.metrics, Some(&previous), verifier);
         self.policy.store(Arc::new(active));
         Ok(())
     }
