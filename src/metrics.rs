@@ -38,6 +38,8 @@ pub struct Metrics {
     pub cache_recomputes_total: IntCounterVec,
     /// `{client,route}`: requests that waited for a recompute another request started.
     pub cache_coalesced_total: IntCounterVec,
+    /// `{client,route}`: degraded answers not stored because the key holds a complete entry.
+    pub cache_degraded_discarded_total: IntCounterVec,
     /// `{client,op}`: Redis calls that failed or timed out (the cache went on without them).
     pub cache_l2_errors_total: IntCounterVec,
     pub cache_l2_duration_seconds: HistogramVec,
@@ -190,6 +192,11 @@ impl Metrics {
             cache_coalesced_total: counter(
                 "bff_cache_coalesced_total",
                 "Requests that shared a recompute another request had started.",
+                &route,
+            ),
+            cache_degraded_discarded_total: counter(
+                "bff_cache_degraded_discarded_total",
+                "Degraded answers not stored because the key holds a complete entry (a failed refresh).",
                 &route,
             ),
             cache_l2_errors_total: counter(

@@ -138,8 +138,9 @@ fn fail(message: &str) -> ! {
     std::process::exit(1)
 }
 
-/// Reloads the policy on SIGHUP and when the file's content changes. An invalid policy is
-/// refused and counted, and the one in force keeps serving.
+/// Reloads the policy on SIGHUP and when the file's content changes. An invalid policy, or one
+/// whose new token key source cannot be loaded, is refused and counted, and the one in force
+/// keeps serving.
 struct PolicyWatch {
     shared: Arc<Shared>,
     path: PathBuf,
@@ -151,11 +152,16 @@ struct PolicyWatch {
 impl PolicyWatch {
     async fn reload(&self, why: &str) {
         match Policy::load_off_loop(&self.path).await {
-            Ok(policy) => {
-                self.shared.install(policy).await;
-                self.shared.metrics.reloaded(ReloadResult::Ok);
-                info!(why, policy = %self.path.display(), "policy reloaded");
-            }
+            Ok(policy) => match self.shared.install(policy).await {
+                Ok(()) => {
+                    self.shared.metrics.reloaded(ReloadResult::Ok);
+                    info!(why, policy = %self.path.display(), "policy reloaded");
+                }
+                Err(e) => {
+                    self.shared.metrics.reloaded(ReloadResult::Invalid);
+                    error!(why, policy = %self.path.display(), errors = %e, "policy refused: its token keys cannot be loaded; the previous policy keeps serving");
+                }
+            },
             Err(e) => {
                 self.shared.metrics.reloaded(ReloadResult::Invalid);
                 error!(why, errors = %e, "policy refused; the previous policy keeps serving");
@@ -231,7 +237,11 @@ impl BackgroundService for PolicyWatch {
                     }
                     since_refresh = Duration::ZERO;
                     if let Err(e) = verifier.load_keys().await {
-                        error!(error = %e, "token keys not refreshed; the last good keys stay in use");
+                        if verifier.has_keys() {
+                            error!(error = %e, "token keys not refreshed; the last good keys stay in use");
+                        } else {
+                            error!(error = %e, retry_in = ?KEY_RETRY, "no token keys yet: tokens are refused and /readyz fails until they load");
+                        }
                     }
                 }
                 _ = hangup.recv() => {

@@ -317,6 +317,13 @@ impl L2 {
         reply.map(|r| r.is_some())
     }
 
+    /// Whether someone holds the recompute lock of `key`; `None` when Redis failed.
+    pub async fn is_locked(&self, key: &str) -> Option<bool> {
+        self.call::<i64>("lock", redis::cmd("EXISTS").arg(lock_key(key)))
+            .await
+            .map(|n| n > 0)
+    }
+
     /// Releases the lock if it is still ours (it may have expired and been taken since).
     pub async fn unlock(&self, key: &str, token: &str) {
         const RELEASE: &str =

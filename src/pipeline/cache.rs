@@ -5,8 +5,10 @@
 //! recomputed in the background (`early`); one past its expiry but inside
 //! `stale_while_revalidate` likewise (`stale`); anything else is a `miss`, recomputed once per
 //! key in this process (the other requests wait for it: single-flight) and, with Redis, once
-//! per key across instances (a short lock; a waiter that gives up recomputes itself). Only
-//! whole answers are stored, and degraded ones only when the route sets `degraded_ttl`.
+//! per key across instances (a short lock; a waiter recomputes itself as soon as the lock is
+//! released without an entry, or when its wait ends, never past its deadline). Only whole
+//! answers are stored, and degraded ones only when the route sets `degraded_ttl` and the key
+//! holds no complete entry: a degraded refresh never replaces a complete answer.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use super::fanout::{self, RouteFailure};
 use super::inputs::Inputs;
 use super::rate_limit::Identity;
 use crate::cache::entry::now_ms;
-use crate::cache::{jittered, key, Cache, Entry, Failed, Freshness, Layer};
+use crate::cache::{jittered, key, Cache, Entry, Failed, Freshness, Layer, L2};
 use crate::metrics::Metrics;
 use crate::policy::{Action, CachePolicy, CacheScope, Route, Var};
 use crate::proxy::{Active, Claims, RequestCtx, Shared};
@@ -45,6 +47,8 @@ pub struct Work {
     pub identity: Identity,
     pub trace_id: String,
     pub traceparent: Option<HeaderValue>,
+    /// When the request started: the route's `deadline` counts from here.
+    pub started: Instant,
     pub metrics: Arc<Metrics>,
     /// For fetches with a `cache` of their own.
     pub cache: Arc<Cache>,
@@ -62,6 +66,7 @@ impl Work {
             identity: super::rate_limit::identity(ctx),
             trace_id: ctx.trace_id.clone(),
             traceparent: ctx.traceparent.clone(),
+            started: ctx.started,
             metrics: shared.metrics.clone(),
             cache: shared.cache.clone(),
         }
@@ -74,6 +79,11 @@ impl Work {
             claims: self.claims.as_deref(),
             api_client: self.api_client.as_deref(),
         }
+    }
+
+    /// When the route's `deadline` passes for this request.
+    fn deadline(&self) -> Option<Instant> {
+        self.route.deadline.map(|d| self.started + d)
     }
 
     /// Runs the route's fetches: the sections, and how long that took.
@@ -98,6 +108,7 @@ impl Work {
             metrics: &self.metrics,
             client: &self.active.client,
             cache: Some(&self.cache),
+            deadline: self.deadline(),
         };
         let sections = fanout::run(fetches, &self.active.upstreams, &request).await?;
         Ok((Sections::new(fetches, sections), started.elapsed()))
@@ -257,34 +268,40 @@ async fn recompute(
     let token = format!("{:016x}", rand::rng().random::<u64>());
     let mut locked = false;
     if let Some(l2) = &l2 {
-        match l2.lock(&key, &token, lock_for).await {
-            Some(true) => locked = true,
-            // Another instance is at it: a background refresh leaves it the work; a miss
-            // waits for its answer, at most as long as its lock lives.
-            Some(false) if trigger != Trigger::Miss => return Err(Failed::Busy),
-            Some(false) => {
-                let until = Instant::now() + lock_for;
-                while Instant::now() < until {
-                    tokio::time::sleep(LOCK_POLL).await;
-                    let now = now_ms();
-                    let fresh = cache
-                        .l2_get(&key, |e| keep_from(e, now, &policy))
-                        .await
-                        .filter(|e| e.version == work.route.version && e.shape == work.route.shape)
-                        .filter(|e| now < e.expires_ms);
-                    if let Some(entry) = fresh {
-                        let [client, route] = work.labels();
-                        work.metrics
-                            .cache_coalesced_total
-                            .with_label_values(&[client, route])
-                            .inc();
-                        return Ok(entry);
+        // A miss waits for another instance's recompute no longer than a lock lives, and never
+        // past its own deadline.
+        let give_up = Instant::now() + lock_for;
+        let give_up = work.deadline().map_or(give_up, |d| d.min(give_up));
+        loop {
+            match l2.lock(&key, &token, lock_for).await {
+                Some(true) => {
+                    locked = true;
+                    break;
+                }
+                // Another instance is at it: a background refresh leaves it the work.
+                Some(false) if trigger != Trigger::Miss => return Err(Failed::Busy),
+                Some(false) => {
+                    match wait_for_holder(&cache, l2, &work, &key, &policy, give_up).await {
+                        Waited::Entry(entry) => {
+                            let [client, route] = work.labels();
+                            work.metrics
+                                .cache_coalesced_total
+                                .with_label_values(&[client, route])
+                                .inc();
+                            return Ok(entry);
+                        }
+                        // Released without an entry (the holder's answer was not stored): this
+                        // one computes at once, under the lock if no other instance took it.
+                        Waited::Released => continue,
+                        Waited::GaveUp => {
+                            tracing::debug!(%key, "the instance holding the recompute lock did not answer in time; recomputing");
+                            break;
+                        }
                     }
                 }
-                tracing::debug!(%key, "the instance holding the recompute lock did not answer in time; recomputing");
+                // Redis failed: recompute without the lock rather than not at all.
+                None => break,
             }
-            // Redis failed: recompute without the lock rather than not at all.
-            None => {}
         }
     }
     {
@@ -297,7 +314,8 @@ async fn recompute(
     let result = work.compute().await;
     let outcome = match result {
         Ok((sections, delta)) => {
-            let (ttl, keep) = if sections.is_degraded() {
+            let degraded = sections.is_degraded();
+            let (ttl, keep) = if degraded {
                 match policy.degraded_ttl {
                     Some(ttl) => (ttl, ttl),
                     None => (Duration::ZERO, Duration::ZERO),
@@ -314,7 +332,18 @@ async fn recompute(
                 ttl,
                 delta,
             ));
-            cache.put(&key, entry.clone(), keep).await;
+            // A degraded answer never replaces a complete entry: that one keeps being served
+            // (stale at worst), and this refresh counts as failed.
+            if degraded && !keep.is_zero() && holds_complete(&cache, &work, &key, &policy).await {
+                let [client, route] = work.labels();
+                work.metrics
+                    .cache_degraded_discarded_total
+                    .with_label_values(&[client, route])
+                    .inc();
+                tracing::debug!(%key, "degraded answer not stored: the key holds a complete entry");
+            } else {
+                cache.put(&key, entry.clone(), keep).await;
+            }
             Ok(entry)
         }
         Err(failure) => Err(Failed::Route(failure)),
@@ -323,4 +352,63 @@ async fn recompute(
         l2.unlock(&key, &token).await;
     }
     outcome
+}
+
+/// How waiting for another instance's recompute ended.
+enum Waited {
+    /// Its entry.
+    Entry(Arc<Entry>),
+    /// It released the lock without storing an entry.
+    Released,
+    /// `until` came, or Redis failed.
+    GaveUp,
+}
+
+/// Polls for the entry of the instance holding `key`'s lock, and for the lock's release, until
+/// `until`. The holder stores its entry before it releases the lock, so the lock is read first:
+/// a lock seen released and no entry after it means there is none to wait for.
+async fn wait_for_holder(
+    cache: &Cache,
+    l2: &L2,
+    work: &Work,
+    key: &str,
+    policy: &CachePolicy,
+    until: Instant,
+) -> Waited {
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Waited::GaveUp;
+        }
+        tokio::time::sleep(LOCK_POLL.min(left)).await;
+        let held = l2.is_locked(key).await;
+        let now = now_ms();
+        let fresh = cache
+            .l2_get(key, |e| keep_from(e, now, policy))
+            .await
+            .filter(|e| e.version == work.route.version && e.shape == work.route.shape)
+            .filter(|e| now < e.expires_ms);
+        match (fresh, held) {
+            (Some(entry), _) => return Waited::Entry(entry),
+            (None, Some(true)) => {}
+            (None, Some(false)) => return Waited::Released,
+            (None, None) => return Waited::GaveUp,
+        }
+    }
+}
+
+/// Whether either layer holds a complete (not degraded) entry of the live shape for `key`,
+/// fresh or inside its stale window.
+async fn holds_complete(cache: &Cache, work: &Work, key: &str, policy: &CachePolicy) -> bool {
+    let complete = |e: &Entry| {
+        !e.sections.is_degraded() && e.version == work.route.version && e.shape == work.route.shape
+    };
+    if cache.l1_get(key).is_some_and(|e| complete(&e)) {
+        return true;
+    }
+    let now = now_ms();
+    cache
+        .l2_get(key, |e| keep_from(e, now, policy))
+        .await
+        .is_some_and(|e| complete(&e))
 }

@@ -48,6 +48,9 @@ pub struct Request<'a> {
     pub client: &'a str,
     /// Where fetches with a `cache` of their own keep their answers.
     pub cache: Option<&'a Arc<Cache>>,
+    /// When the route's `deadline` passes: counted from the request's start, so time spent
+    /// waiting for another instance's recompute is part of it.
+    pub deadline: Option<Instant>,
 }
 
 /// A finished fetch: its section, and the selected answer its children read `{fetch.*}` from.
@@ -62,7 +65,7 @@ pub async fn run(
     upstreams: &Upstreams,
     request: &Request<'_>,
 ) -> Result<Vec<Section>, RouteFailure> {
-    let deadline = request.route.deadline.map(|d| Instant::now() + d);
+    let deadline = request.deadline;
     let mut done: Vec<Option<Done>> = (0..fetches.len()).map(|_| None).collect();
     let waves = fetches.iter().map(|f| f.wave).max().unwrap_or(0);
     for wave in 0..=waves {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::metrics::Metrics;
 use crate::pipeline::auth::{ApiKeys, Verifier};
 use crate::pipeline::rate_limit::RateLimits;
-use crate::policy::Policy;
+use crate::policy::{JwtAuth, Policy};
 use crate::upstream::{AppPeer, Upstreams};
 
 pub struct Active {
@@ -25,19 +25,39 @@ pub struct Active {
 }
 
 impl Active {
-    /// `previous`: the policy in force, whose token verifier (and the keys it holds) is kept
-    /// when the `auth` section did not change, and whose rate-limit buckets are kept for each
-    /// limit that did not change.
-    pub fn new(policy: Policy, metrics: &Arc<Metrics>, previous: Option<&Active>) -> Active {
+    /// The token verifier `policy` needs, given the policy in force (`previous`): its
+    /// verifier (and the keys it holds) when the `jwt` settings did not change; a new one
+    /// holding its keys when only the key source stayed the same; else a new one without keys,
+    /// marked `true`: its key source is new, and must be loaded before the policy goes in.
+    pub fn verifier_for(
+        policy: &Policy,
+        previous: Option<&Active>,
+    ) -> Option<(Arc<Verifier>, bool)> {
+        let jwt = policy.auth.as_ref()?.jwt.as_ref()?;
+        Some(
+            match previous.and_then(|p| Some((p.jwt()?, p.verifier.as_ref()?))) {
+                Some((old, verifier)) if old == jwt => (verifier.clone(), false),
+                Some((old, verifier)) if old.keys == jwt.keys => {
+                    let fresh = Verifier::new(jwt);
+                    fresh.take_keys_of(verifier);
+                    (Arc::new(fresh), false)
+                }
+                _ => (Arc::new(Verifier::new(jwt)), true),
+            },
+        )
+    }
+
+    /// `verifier`: from [`Active::verifier_for`]. `previous`: the policy in force, whose
+    /// rate-limit buckets are kept for each limit that did not change.
+    pub fn new(
+        policy: Policy,
+        metrics: &Arc<Metrics>,
+        previous: Option<&Active>,
+        verifier: Option<Arc<Verifier>>,
+    ) -> Active {
         let upstreams = Upstreams::build(&policy, metrics);
         let app = policy.fallthrough.clone().map(AppPeer::new);
         let auth = policy.auth.as_ref();
-        let verifier = auth.and_then(|a| a.jwt.as_ref()).map(|jwt| {
-            previous
-                .filter(|p| p.policy.auth.as_ref().and_then(|a| a.jwt.as_ref()) == Some(jwt))
-                .and_then(|p| p.verifier.clone())
-                .unwrap_or_else(|| Arc::new(Verifier::new(jwt)))
-        });
         let api_keys = auth.and_then(|a| a.api_key.as_ref()).map(ApiKeys::new);
         let rate_limits = RateLimits::new(&policy, previous.map(|p| &p.rate_limits));
         Active {
@@ -64,12 +84,8 @@ impl Active {
         self.upstreams.refresh_files();
     }
 
-    /// Loads the token keys unless they are loaded already.
-    pub async fn load_keys(&self) -> Result<(), crate::pipeline::auth::KeyLoadError> {
-        match &self.verifier {
-            Some(verifier) if !verifier.has_keys() => verifier.load_keys().await,
-            _ => Ok(()),
-        }
+    fn jwt(&self) -> Option<&JwtAuth> {
+        self.policy.auth.as_ref()?.jwt.as_ref()
     }
 }
 

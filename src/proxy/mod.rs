@@ -21,6 +21,7 @@ pub use ctx::{Claims, RequestCtx};
 use crate::cache::Cache;
 use crate::envelope::{Envelope, ErrorCode};
 use crate::metrics::Metrics;
+use crate::pipeline::auth::KeyLoadError;
 use crate::pipeline::{self, edge, observe, respond};
 use crate::policy::Policy;
 use crate::upstream;
@@ -39,8 +40,10 @@ pub struct Shared {
 impl Shared {
     pub fn new(policy: Policy) -> Self {
         let metrics = Arc::new(Metrics::new());
+        // Keys are loaded by the background job: the sidecar may start before its JWKS is up.
+        let verifier = Active::verifier_for(&policy, None).map(|(verifier, _)| verifier);
         Shared {
-            policy: ArcSwap::from_pointee(Active::new(policy, &metrics, None)),
+            policy: ArcSwap::from_pointee(Active::new(policy, &metrics, None, verifier)),
             cache: Arc::new(Cache::new(crate::cache::L1_BYTES)),
             metrics,
             in_flight: Arc::new(AtomicUsize::new(0)),
@@ -49,14 +52,19 @@ impl Shared {
     }
 
     /// Puts a newly loaded policy in force; requests under way keep the one they started on.
-    /// New token keys are loaded first; if they cannot be, the policy still goes in (the old
-    /// keys may be the wrong ones) and the key refresh keeps trying.
-    pub async fn install(&self, policy: Policy) {
-        let active = Active::new(policy, &self.metrics, Some(&self.policy.load()));
-        if let Err(e) = active.load_keys().await {
-            error!(error = %e, "token keys of the new policy not loaded yet; retrying");
+    /// A key source the policy brings is loaded first; if it cannot be, the policy is refused
+    /// and the one in force keeps serving (with the old keys, every token still verifies).
+    pub async fn install(&self, policy: Policy) -> Result<(), KeyLoadError> {
+        let previous = self.policy.load_full();
+        let verifier = Active::verifier_for(&policy, Some(&previous));
+        // Before anything else is built: a refused policy leaves no trace (not even a gauge).
+        if let Some((verifier, true)) = &verifier {
+            verifier.load_keys().await?;
         }
+        let verifier = verifier.map(|(verifier, _)| verifier);
+        let active = Active::new(policy, &self.metrics, Some(&previous), verifier);
         self.policy.store(Arc::new(active));
+        Ok(())
     }
 
     /// Ready for traffic: started, not draining, token keys loaded.

@@ -3,13 +3,13 @@
 //! refreshes in the background, degraded answers, ETag and 304, and a renamed field that
 //! changes the key.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::metrics::metric;
+use crate::support::metrics::{metric, metric_eventually};
 use crate::support::{http, tokens, write_policy, Bff, MockReply, MockServer, TempPolicy};
 
 const SECRET: &str = "cache-test-secret-of-at-least-32-bytes!";
@@ -309,6 +309,64 @@ async fn degraded_answers_are_stored_only_with_a_degraded_ttl() {
     assert_eq!(again.header("x-bff-degraded"), Some("tips"));
     assert_eq!(again.header("cache-control"), Some("no-store"));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_refresh_never_replaces_a_complete_entry() {
+    let (users, calls) = counting(Duration::ZERO);
+    // The optional `tips` upstream answers until it is switched off, then fails (503).
+    let tips_up = Arc::new(AtomicBool::new(true));
+    let up = tips_up.clone();
+    let tips = MockServer::start(move |_| {
+        if up.load(Ordering::SeqCst) {
+            MockReply::json(200, json!({"t": "drink water"}))
+        } else {
+            MockReply::json(503, json!({}))
+        }
+    });
+    let cache =
+        "{ scope: user, ttl: 2s, stale_while_revalidate: 30s, degraded_ttl: 10s, beta: 0.000001 }";
+    let yaml = policy(&users.url(), cache, "[n]").replace("http://127.0.0.1:9", &tips.url());
+    let (bff, _file) = start(&yaml).await;
+    let complete = get(&bff, "/page", "ada").await;
+    assert_eq!(cache_word(&complete), "miss");
+    assert_eq!(complete.json()["tips"], json!({"t": "drink water"}));
+
+    tips_up.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let stale = get(&bff, "/page", "ada").await;
+    assert_eq!(cache_word(&stale), "stale");
+    // The refresh it started comes back degraded, and is discarded.
+    let discarded = metric_eventually(
+        &bff,
+        "bff_cache_degraded_discarded_total",
+        &[("client", "web"), ("route", "page")],
+        1.0,
+    )
+    .await;
+    assert_eq!(discarded, 1.0, "{}", bff.logs());
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "one refresh ran");
+    for _ in 0..5 {
+        let reply = get(&bff, "/page", "ada").await;
+        assert_eq!(cache_word(&reply), "stale");
+        assert_eq!(
+            reply.json()["tips"],
+            json!({"t": "drink water"}),
+            "{}",
+            reply.text()
+        );
+        assert_ne!(reply.json()["meta"]["degraded"], json!(true));
+        assert_eq!(reply.header("x-bff-degraded"), None);
+        assert_eq!(reply.json()["me"], complete.json()["me"]);
+    }
+
+    // Where no complete entry is held, a degraded one is stored for `degraded_ttl`.
+    let first = get(&bff, "/page", "bob").await;
+    assert_eq!(cache_word(&first), "miss");
+    assert_eq!(first.json()["meta"]["degraded"], json!(true));
+    let again = get(&bff, "/page", "bob").await;
+    assert_eq!(cache_word(&again), "hit");
+    assert_eq!(again.json()["meta"]["degraded"], json!(true));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

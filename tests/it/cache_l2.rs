@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::cache::{cache_word, counting};
 use crate::support::metrics::{metric, metrics_text, parse_metrics};
 use crate::support::redis::{RedisCluster, RedisServer};
-use crate::support::{http, tokens, write_policy, Bff, TempPolicy};
+use crate::support::{http, tokens, write_policy, Bff, MockReply, MockServer, TempPolicy};
 
 const SECRET: &str = "cache-l2-test-secret-of-at-least-32-bytes";
 
@@ -48,13 +48,17 @@ async fn start(yaml: &str, redis: &str) -> (Bff, TempPolicy) {
 }
 
 async fn get(bff: &Bff, sub: &str) -> http::Reply {
+    get_path(bff, "/me", sub).await
+}
+
+async fn get_path(bff: &Bff, path: &str, sub: &str) -> http::Reply {
     let token = tokens::hs256(
         &tokens::claims("web-app", 600, json!({ "sub": sub })),
         SECRET,
     );
     http::send(
         "GET",
-        &bff.url("/me"),
+        &bff.url(path),
         &[("authorization", &format!("Bearer {token}"))],
         "",
     )
@@ -230,7 +234,7 @@ async fn l2_errors(bff: &Bff) -> f64 {
 async fn a_dead_lock_holder_blocks_a_key_no_longer_than_its_lock() {
     let redis = RedisServer::start();
     let (users, calls) = counting(Duration::ZERO);
-    let (bff, _f) = start(&policy(&users.url(), "[n]", "800ms"), &redis.url()).await;
+    let (bff, _f) = start(&policy(&users.url(), "[n]", "3s"), &redis.url()).await;
     let key = format!("web:me:v3:{}:ada", shape(&bff).await);
     // An instance took the lock and died: nobody will write the entry or release the lock.
     let mut client = redis.client().await;
@@ -244,13 +248,131 @@ async fn a_dead_lock_holder_blocks_a_key_no_longer_than_its_lock() {
         .await;
     let reply = get(&bff, "ada").await;
     assert_eq!(cache_word(&reply), "miss");
-    // It waited for the holder's answer as long as a lock lives, then gave up on it.
+    // It waited for the holder's answer as long as the lock lived, then computed itself.
     assert!(
         locked_at.elapsed() >= Duration::from_millis(800),
         "it did not wait for the lock holder"
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1, "then recomputed itself");
     wait_for_key(&mut client, &key).await;
+
+    // A lock that outlives the waiter's deadline: the answer still comes by the deadline (a
+    // critical fetch unfinished at it is 504), never when the lock ends.
+    let key = format!("web:me:v3:{}:bob", shape(&bff).await);
+    client
+        .set(
+            format!("{key}:lock"),
+            "dead-instance",
+            Some(Duration::from_secs(30)),
+        )
+        .await;
+    let started = Instant::now();
+    let reply = get(&bff, "bob").await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "DEADLINE_EXCEEDED");
+    assert!(
+        took < Duration::from_secs(6),
+        "answered after {took:?}, deadline 3 s"
+    );
+}
+
+/// Three upstreams: `missing` answers 404 after `SLOW_FAILURE` (nothing to store), `users`
+/// answers at once, `failing` 503 after `SLOW_FAILURE` (the `page` route's optional section is
+/// degraded, and a degraded answer is not stored).
+fn waiter_policy(missing: &str, users: &str, failing: &str) -> String {
+    format!(
+        r#"client: web
+auth:
+  jwt: {{ issuer: "https://id.example.com/", audience: web-app, algorithms: [HS256], hs256_secret: "{SECRET}" }}
+upstreams:
+  missing: {{ url: "{missing}", timeout: 5s }}
+  users: {{ url: "{users}", timeout: 5s }}
+  failing: {{ url: "{failing}", timeout: 5s }}
+routes:
+  - name: gone
+    method: GET
+    path: /gone
+    cache: {{ scope: user, ttl: 60s }}
+    fetch:
+      me: {{ upstream: missing, path: "/users/{{jwt.sub}}", critical: true, fields: [n] }}
+  - name: page
+    method: GET
+    path: /page
+    deadline: 3s
+    cache: {{ scope: user, ttl: 60s }}
+    fetch:
+      me: {{ upstream: users, path: "/users/{{jwt.sub}}", critical: true, fields: [n] }}
+      tips: {{ upstream: failing, path: /tips, fields: [t], fallback: [] }}
+"#
+    )
+}
+
+const SLOW_FAILURE: Duration = Duration::from_millis(500);
+
+/// Sends `path` to `a`, then, once `a`'s recompute has called `upstream`, to `b`: `b` finds
+/// `a` holding the key's lock. Returns both answers and how long `b`'s took.
+async fn a_then_b(
+    a: &Arc<Bff>,
+    b: &Bff,
+    upstream: &MockServer,
+    path: &'static str,
+) -> (http::Reply, http::Reply, Duration) {
+    let first = {
+        let a = a.clone();
+        tokio::spawn(async move { get_path(&a, path, "ada").await })
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    while upstream.requests().is_empty() {
+        assert!(
+            Instant::now() < until,
+            "instance a never called {path}'s upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    let second = get_path(b, path, "ada").await;
+    let took = started.elapsed();
+    (first.await.expect("a's request"), second, took)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_computes_at_once_when_the_lock_is_released_without_an_entry() {
+    let redis = RedisServer::start();
+    let missing = MockServer::start(|_| {
+        MockReply::json(404, json!({"error": "no such user"})).delay(SLOW_FAILURE)
+    });
+    let (users, _) = counting(Duration::ZERO);
+    let failing = MockServer::start(|_| MockReply::json(503, json!({})).delay(SLOW_FAILURE));
+    let yaml = waiter_policy(&missing.url(), &users.url(), &failing.url());
+    let (a, _fa) = start(&yaml, &redis.url()).await;
+    let (b, _fb) = start(&yaml, &redis.url()).await;
+    let a = Arc::new(a);
+
+    // No deadline: the lock lives 3 s. The holder's 404 is not stored; the waiter sees the
+    // lock go and asks the upstream itself, instead of waiting out the lock.
+    let (first, second, took) = a_then_b(&a, &b, &missing, "/gone").await;
+    assert_eq!(first.status, 404, "{}", first.text());
+    assert_eq!(second.status, 404, "{}", second.text());
+    assert_eq!(missing.requests().len(), 2, "each instance asked once");
+    assert!(
+        took < Duration::from_secs(2),
+        "the waiter took {took:?}: it waited for the lock to expire (3 s)"
+    );
+
+    // A 3 s deadline (the lock lives as long) and a degraded answer (not stored): the waiter
+    // computes as soon as the holder is done, well within its deadline, instead of waiting
+    // out the lock and then computing past it.
+    let (first, second, took) = a_then_b(&a, &b, &failing, "/page").await;
+    for reply in [&first, &second] {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["meta"]["degradedSections"], json!(["tips"]));
+    }
+    assert_eq!(failing.requests().len(), 2, "each instance asked once");
+    assert!(
+        took < Duration::from_millis(2500),
+        "the waiter took {took:?}: it waited for the lock to expire (3 s)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

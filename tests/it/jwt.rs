@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use crate::support::metrics::{metric_eventually, metrics_text, parse_metrics};
+use crate::support::metrics::{metric, metric_eventually, metrics_text, parse_metrics};
 use crate::support::{http, write_policy, Bff, MockReply, MockServer, TempPolicy};
 
 const ISSUER: &str = "https://id.example.com/";
@@ -138,6 +138,11 @@ impl Jwks {
 }
 
 fn policy(jwks_url: &str, upstream: &str) -> String {
+    keyed_policy(&format!("jwks_url: \"{jwks_url}\""), "30s", upstream)
+}
+
+/// The policy with its key source given as one line (`jwks_url: …` or `jwks_file: …`).
+fn keyed_policy(key_source: &str, leeway: &str, upstream: &str) -> String {
     format!(
         r#"client: mobile
 auth:
@@ -145,8 +150,8 @@ auth:
     issuer: {ISSUER}
     audience: {AUDIENCE}
     algorithms: [RS256, RS384, RS512, PS256, ES256, ES384, EdDSA]
-    jwks_url: "{jwks_url}"
-    leeway: 30s
+    {key_source}
+    leeway: {leeway}
   # These tests refuse many tokens from one address; the limit on that is rate_limit.rs's.
   failure_limit: {{ requests: 1000, per: 1m }}
 upstreams:
@@ -166,7 +171,7 @@ struct Setup {
     jwks: Jwks,
     upstream: MockServer,
     bff: Bff,
-    _policy: TempPolicy,
+    policy_file: TempPolicy,
 }
 
 fn jwks_url(jwks: &Jwks) -> String {
@@ -187,7 +192,7 @@ async fn start() -> Setup {
         jwks,
         upstream,
         bff,
-        _policy: policy,
+        policy_file: policy,
     }
 }
 
@@ -547,6 +552,124 @@ async fn a_failed_refetch_keeps_the_last_good_keys() {
     }
     let readyz = http::get(&setup.bff.admin_url("/readyz")).await;
     assert_eq!(readyz.status, 200, "still ready with the last good keys");
+}
+
+/// Waits (15 s at most) until `bff_policy_reloads_total{result}` reaches `want`.
+async fn reloads_reach(bff: &Bff, result: &str, want: f64) {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = metric(bff, "bff_policy_reloads_total", &[("result", result)]).await;
+        if got >= want {
+            assert_eq!(got, want, "bff_policy_reloads_total{{result={result}}}");
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "bff_policy_reloads_total{{result={result}}} is {got}, not {want}, after 15 s:\n{}",
+            bff.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A fresh token (never verified before, so not remembered) of a published key verifies, and
+/// the sidecar is ready: the keys in force are good.
+async fn assert_tokens_verify(setup: &Setup, round: usize) {
+    for alg in [Algorithm::RS256, Algorithm::ES256] {
+        let token = sign(alg, &claims(json!({ "jti": format!("round-{round}") })));
+        let reply = bearer(&setup.bff, &token).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "round {round}, {alg:?}: {}",
+            reply.text()
+        );
+    }
+    let readyz = http::get(&setup.bff.admin_url("/readyz")).await;
+    assert_eq!(readyz.status, 200, "round {round}: {}", readyz.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_key_source_cannot_be_loaded_is_refused_and_the_old_policy_serves() {
+    let setup = start().await;
+    let upstream = setup.upstream.url();
+    let dir = setup.policy_file.dir().to_path_buf();
+    let misspelled = dir.join("jwks.jsno");
+    let not_a_key_set = dir.join("jwks.html");
+    std::fs::write(&not_a_key_set, "<html>sign in</html>").expect("write jwks.html");
+    let unreadable = dir.join("jwks-dir");
+    std::fs::create_dir(&unreadable).expect("create jwks-dir");
+    let garbage = Jwks::start(b"<html>sign in</html>".to_vec());
+    let down = format!(
+        "http://127.0.0.1:{}/.well-known/jwks.json",
+        MockServer::refused_port()
+    );
+    let broken: Vec<(String, String)> = [&misspelled, &not_a_key_set, &unreadable]
+        .iter()
+        .map(|file| {
+            let file = file.display().to_string();
+            (format!("jwks_file: \"{file}\""), file)
+        })
+        .chain(
+            [&down, &jwks_url(&garbage)]
+                .iter()
+                .map(|url| (format!("jwks_url: \"{url}\""), url.to_string())),
+        )
+        .collect();
+    assert_tokens_verify(&setup, 0).await;
+    for (round, (source, location)) in broken.iter().enumerate() {
+        setup
+            .policy_file
+            .rewrite(&keyed_policy(source, "30s", &upstream));
+        reloads_reach(&setup.bff, "invalid", (round + 1) as f64).await;
+        let logs = setup.bff.logs();
+        let refused = logs
+            .lines()
+            .find(|l| l.contains("policy refused") && l.contains(location.as_str()))
+            .unwrap_or_else(|| panic!("no `policy refused` line naming {location}:\n{logs}"));
+        assert!(
+            refused.contains("cannot load the JWT keys"),
+            "the log does not say why: {refused}"
+        );
+        assert_tokens_verify(&setup, round + 1).await;
+    }
+    assert_eq!(
+        metric(&setup.bff, "bff_policy_reloads_total", &[("result", "ok")]).await,
+        0.0
+    );
+
+    // A new key source that loads is taken.
+    let good = dir.join("jwks.json");
+    std::fs::write(&good, jwks_document(&published_keys())).expect("write jwks.json");
+    let file_source = format!("jwks_file: \"{}\"", good.display());
+    setup
+        .policy_file
+        .rewrite(&keyed_policy(&file_source, "30s", &upstream));
+    reloads_reach(&setup.bff, "ok", 1.0).await;
+    let fetched = setup.jwks.fetches();
+    assert_tokens_verify(&setup, 10).await;
+    assert_eq!(
+        setup.jwks.fetches(),
+        fetched,
+        "the old key source was asked"
+    );
+
+    // A reload that keeps the key source keeps its keys: no read, so it cannot fail on one.
+    std::fs::remove_file(&good).expect("remove jwks.json");
+    setup
+        .policy_file
+        .rewrite(&keyed_policy(&file_source, "45s", &upstream));
+    reloads_reach(&setup.bff, "ok", 2.0).await;
+    assert_tokens_verify(&setup, 11).await;
+    assert_eq!(
+        metric(
+            &setup.bff,
+            "bff_policy_reloads_total",
+            &[("result", "invalid")]
+        )
+        .await,
+        broken.len() as f64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -215,6 +215,12 @@ impl Verifier {
         Ok(())
     }
 
+    /// Starts with the keys `previous` holds (same key source, other settings): a reload that
+    /// does not move the keys needs no fetch, and cannot fail on one.
+    pub fn take_keys_of(&self, previous: &Verifier) {
+        self.keys.store(previous.keys.load_full());
+    }
+
     /// True once keys are usable (always for an HS256 secret).
     pub fn has_keys(&self) -> bool {
         matches!(self.source, Source::Secret(_)) || !self.keys.load().is_empty()
