@@ -53,6 +53,13 @@ const MAX_PEM_FILE: u64 = 1 << 20;
 pub use crate::inject::{INJECTED_ANNOTATION, INJECT_ANNOTATION};
 /// How long open connections get to finish their request after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(10);
+/// Default of `--max-connections`: with at most [`MAX_BODY`] buffered per connection, this
+/// bounds what bodies can hold to 32 MiB; reviews are answered in milliseconds, so a few
+/// connections per API server instance are plenty.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
+/// hyper's read buffer per connection (its default grows to ~400 KiB for a long head); the
+/// API server's request heads are well under 1 KiB.
+const MAX_READ_BUFFER: usize = 64 * 1024;
 
 /// What the mutation needs to know: which sidecar to add and where its policy comes from.
 #[derive(Clone, Debug)]
@@ -81,6 +88,12 @@ pub struct ServeOptions {
     pub failure_policy: FailurePolicy,
     /// How often the certificate and key files are checked for a change.
     pub cert_reload_interval: Duration,
+    /// A request's head must arrive within this of the connection being ready for it (which
+    /// also closes a kept-alive connection idle that long), and its body within this of the
+    /// head.
+    pub request_timeout: Duration,
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
     pub webhook: WebhookOptions,
 }
 
@@ -386,6 +399,7 @@ impl RotatingCert {
 struct Shared {
     options: WebhookOptions,
     failure_policy: FailurePolicy,
+    request_timeout: Duration,
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -402,6 +416,8 @@ async fn handle(
     request: Request<Incoming>,
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    // Counted from the head: hyper has bounded the wait for it (`header_read_timeout`).
+    let body_deadline = tokio::time::Instant::now() + shared.request_timeout;
     let scope = match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => return Ok(text(StatusCode::OK, "ok\n")),
         (&Method::POST, "/mutate") => Scope::Namespace,
@@ -425,14 +441,32 @@ async fn handle(
     if declared.is_some_and(|length| length > MAX_BODY as u64) {
         return Ok(too_large());
     }
-    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Ok(too_large()),
-        Err(e) => {
+    let collect = Limited::new(request.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout_at(body_deadline, collect).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Ok(too_large()),
+        Ok(Err(e)) => {
             return Ok(text(
                 StatusCode::BAD_REQUEST,
                 format!("cannot read the body: {e}\n"),
             ))
+        }
+        // Dropping the collection frees what was buffered; hyper closes the connection, as
+        // the rest of the body is never read.
+        Err(_) => {
+            debug!(timeout = ?shared.request_timeout, "a request body did not arrive in time");
+            let mut response = text(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within {:?}\n",
+                    shared.request_timeout
+                ),
+            );
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return Ok(response);
         }
     };
     match review(&body, scope, &shared.options, shared.failure_policy) {
@@ -456,6 +490,12 @@ async fn handle(
 pub async fn serve(options: ServeOptions) -> Result<(), String> {
     if options.cert_reload_interval.is_zero() {
         return Err("--cert-reload-interval must be longer than 0".into());
+    }
+    if options.request_timeout.is_zero() {
+        return Err("--request-timeout must be longer than 0".into());
+    }
+    if options.max_connections == 0 {
+        return Err("--max-connections must be at least 1".into());
     }
     let cert = Arc::new(RotatingCert::load(&options.cert, &options.key)?);
     let mut config = ServerConfig::builder_with_provider(provider())
@@ -491,7 +531,11 @@ pub async fn serve(options: ServeOptions) -> Result<(), String> {
     let shared = Arc::new(Shared {
         options: options.webhook.clone(),
         failure_policy: options.failure_policy,
+        request_timeout: options.request_timeout,
     });
+    let slots = Arc::new(tokio::sync::Semaphore::new(options.max_connections));
+    // Logged when the cap is first hit, not for every connection turned away.
+    let mut turning_away = false;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let stop = shutdown_signal();
@@ -508,8 +552,24 @@ pub async fn serve(options: ServeOptions) -> Result<(), String> {
                         continue;
                     }
                 };
+                // Closed at once rather than left waiting: each one served may hold a body of up
+                // to MAX_BODY, and a client cut off fails fast instead of at its own timeout.
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    if !turning_away {
+                        warn!(max = options.max_connections, %peer,
+                              "at --max-connections; closing new connections until one ends");
+                        turning_away = true;
+                    }
+                    drop(tcp);
+                    continue;
+                };
+                turning_away = false;
                 let _ = tcp.set_nodelay(true);
-                connections.spawn(connection(tcp, peer, acceptor.clone(), shared.clone(), stop_rx.clone()));
+                let served = connection(tcp, peer, acceptor.clone(), shared.clone(), stop_rx.clone());
+                connections.spawn(async move {
+                    served.await;
+                    drop(slot);
+                });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
@@ -534,7 +594,8 @@ async fn connection(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+    let timeout = shared.request_timeout;
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "TLS handshake failed");
@@ -547,7 +608,8 @@ async fn connection(
     };
     let service = hyper::service::service_fn(move |request| handle(request, shared.clone()));
     let conn = hyper::server::conn::http1::Builder::new()
-        .header_read_timeout(Duration::from_secs(10))
+        .header_read_timeout(timeout)
+        .max_buf_size(MAX_READ_BUFFER)
         .timer(hyper_util::rt::TokioTimer::new())
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);

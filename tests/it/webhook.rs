@@ -699,3 +699,132 @@ async fn the_manifests_send_pods_to_paths_the_webhook_serves_as_they_say() {
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "https");
     assert_eq!(service["spec"]["ports"][0]["port"], 443);
 }
+
+/// `VmRSS` or `VmHWM` of a process, in KiB.
+fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// A TLS connection that has sent a review's head declaring 1 MiB and all of the body but its
+/// last byte, then falls silent; `None` when the server closed it before that.
+async fn hold_a_body(
+    addr: SocketAddr,
+) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use tokio::io::AsyncWriteExt as _;
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots())
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let mut tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .ok()?;
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        bff::webhook::MAX_BODY
+    );
+    tls.write_all(head.as_bytes()).await.ok()?;
+    tls.write_all(&vec![b' '; bff::webhook::MAX_BODY - 1])
+        .await
+        .ok()?;
+    tls.flush().await.ok()?;
+    Some(tls)
+}
+
+/// What a held connection reads until the server closes it, or `None` if it is still open
+/// at `deadline`.
+async fn closed_by(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    deadline: Instant,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut reply = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tls.read(&mut buffer)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&reply).into_owned()),
+            Ok(Ok(n)) => reply.extend_from_slice(&buffer[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn held_bodies_are_cut_off_at_the_deadline_and_connections_are_capped() {
+    let webhook =
+        Webhook::start_with_fixtures(&["--request-timeout", "2s", "--max-connections", "16"]).await;
+    let pid = webhook.child.id();
+    let before = memory_kib(pid, "VmRSS");
+
+    // 100 clients hold a nearly complete 1 MiB body each: unbounded, that is ~100 MiB buffered.
+    let attempts = futures::future::join_all((0..100).map(|_| hold_a_body(webhook.addr))).await;
+    let mut held: Vec<_> = attempts.into_iter().flatten().collect();
+    assert!(
+        !held.is_empty(),
+        "no connection was served:\n{}",
+        webhook.logs()
+    );
+
+    // Each is answered 408 and closed once the deadline passes (2 s; generous for a loaded CI).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut timed_out = 0;
+    for tls in &mut held {
+        let reply = closed_by(tls, deadline)
+            .await
+            .unwrap_or_else(|| panic!("a held body is still open after 20 s:\n{}", webhook.logs()));
+        timed_out += usize::from(reply.starts_with("HTTP/1.1 408"));
+    }
+    assert!(timed_out >= 1, "no held body was answered 408");
+    assert!(
+        timed_out <= 16,
+        "{timed_out} bodies were read at once, over --max-connections 16"
+    );
+    assert!(
+        webhook.logs().contains("at --max-connections"),
+        "{}",
+        webhook.logs()
+    );
+
+    // At most 16 bodies were ever buffered at once: the peak stays far below the ~100 MiB the
+    // 100 connections would hold without the cap.
+    let peak = memory_kib(pid, "VmHWM");
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 60,
+        "the webhook grew by {grown_mib} MiB (RSS before {before} kB, peak {peak} kB)"
+    );
+
+    // And it still answers reviews.
+    let pod = pod(json!({"bff.dev/inject": "enabled"}));
+    let response = webhook
+        .review("/mutate", &admission_review("after", pod.clone()))
+        .await;
+    assert_injected(&apply(&response, &pod), &pod);
+}
+
+#[tokio::test]
+async fn a_held_body_is_cut_off_by_the_default_deadline() {
+    let webhook = Webhook::start_with_fixtures(&[]).await;
+    let started = Instant::now();
+    let mut tls = hold_a_body(webhook.addr).await.expect("served");
+    let reply = closed_by(&mut tls, started + Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("a held body is still open after 30 s:\n{}", webhook.logs()));
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    // The default is 10 s: not cut off early.
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}
