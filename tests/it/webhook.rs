@@ -828,3 +828,60 @@ async fn a_held_body_is_cut_off_by_the_default_deadline() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn pods_the_sidecar_cannot_join_are_allowed_without_it_and_with_a_warning() {
+    let webhook = Webhook::start_with_fixtures(&[]).await;
+    let mut host_network = pod(json!({"bff.dev/inject": "enabled"}));
+    host_network["spec"]["hostNetwork"] = json!(true);
+    let mut envoy_admin = pod(json!({"bff.dev/inject": "enabled"}));
+    envoy_admin["spec"]["initContainers"] = json!([
+        {"name": "migrate", "image": "web:1"},
+        {"name": "envoy", "image": "envoy:1", "restartPolicy": "Always",
+         "ports": [{"containerPort": 9901}]},
+    ]);
+    let mut app_port = pod(json!({"bff.dev/inject": "enabled"}));
+    app_port["spec"]["containers"][0]["ports"] = json!([{"containerPort": 8080}]);
+    let cases = [
+        ("host", host_network.clone(), "spec.hostNetwork"),
+        (
+            "envoy",
+            envoy_admin,
+            "spec.initContainers[1].ports: port 9901",
+        ),
+        ("app", app_port, "spec.containers[0].ports: port 8080"),
+    ];
+    for (uid, pod, reason) in cases {
+        let response = webhook.review("/mutate", &admission_review(uid, pod)).await;
+        assert_eq!(response["allowed"], true, "{uid}: {response}");
+        assert!(response.get("patch").is_none(), "{uid}: {response}");
+        let warning = response["warnings"][0].as_str().unwrap_or_default();
+        assert!(
+            warning.starts_with("bff webhook: cannot inject the bff sidecar:")
+                && warning.contains(reason),
+            "{uid}: {response}"
+        );
+    }
+
+    // A hostNetwork pod that chooses bff's ports is injected on them, as host ports.
+    let annotations = &mut host_network["metadata"]["annotations"];
+    annotations["bff.dev/listen-port"] = json!("18080");
+    annotations["bff.dev/admin-port"] = json!("19901");
+    let response = webhook
+        .review(
+            "/mutate",
+            &admission_review("host-ports", host_network.clone()),
+        )
+        .await;
+    let patched = apply(&response, &host_network);
+    assert_injected(&patched, &host_network);
+    let sidecar = &patched["spec"]["initContainers"][0];
+    assert_eq!(
+        sidecar["ports"],
+        json!([
+            {"name": "bff-http", "containerPort": 18080, "protocol": "TCP", "hostPort": 18080},
+            {"name": "bff-admin", "containerPort": 19901, "protocol": "TCP", "hostPort": 19901},
+        ])
+    );
+    assert_eq!(sidecar["args"][4], "0.0.0.0:18080");
+}
