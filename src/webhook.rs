@@ -24,8 +24,8 @@ use std::fmt;
 use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use base64::Engine as _;
@@ -44,6 +44,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
+use x509_cert::der::Decode as _;
 
 /// Largest AdmissionReview accepted: a pod spec is a few KiB; the API server caps objects at
 /// about 1.5 MiB, and a pod anywhere near that is not one to mutate.
@@ -281,6 +282,20 @@ struct RotatingCert {
     cert: PathBuf,
     key: PathBuf,
     current: ArcSwap<Loaded>,
+    /// What the last check warned about, so a file left broken is reported once, not on
+    /// every interval.
+    warned: Mutex<Option<Problem>>,
+}
+
+/// Why the files on disk are not being served.
+#[derive(PartialEq, Eq)]
+enum Problem {
+    Unreadable(String),
+    /// This content was tried and does not load (mismatched, expired, not PEM).
+    Rejected {
+        cert_pem: Vec<u8>,
+        key_pem: Vec<u8>,
+    },
 }
 
 struct Loaded {
@@ -323,16 +338,44 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
 }
 
 fn load_identity(cert: &Path, key: &Path) -> Result<Loaded, String> {
-    let cert_pem = read_pem(cert)?;
-    let key_pem = read_pem(key)?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+    let (cert_pem, key_pem) = (read_pem(cert)?, read_pem(key)?);
+    let certified = parse_identity(cert, key, &cert_pem, &key_pem)?;
+    Ok(Loaded {
+        cert_pem,
+        key_pem,
+        certified,
+    })
+}
+
+/// The certificate chain and key of the files `cert` and `key` (named in errors), refused when
+/// the certificate has expired: the API server would fail every call on it.
+fn parse_identity(
+    cert: &Path,
+    key: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Arc<CertifiedKey>, String> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: not a PEM certificate: {e}", cert.display()))?;
-    if chain.is_empty() {
+    let Some(leaf) = chain.first() else {
         return Err(format!("{}: holds no PEM certificate", cert.display()));
+    };
+    let leaf = x509_cert::Certificate::from_der(leaf)
+        .map_err(|e| format!("{}: not an X.509 certificate: {e}", cert.display()))?;
+    let not_after = leaf.tbs_certificate.validity.not_after;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    if not_after.to_unix_duration() <= now {
+        return Err(format!(
+            "{}: the certificate expired at {}",
+            cert.display(),
+            not_after.to_date_time()
+        ));
     }
     // The parser's message may quote the file: a key's content stays unsaid.
-    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+    let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| {
         format!(
             "{}: holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
             key.display()
@@ -350,11 +393,7 @@ fn load_identity(cert: &Path, key: &Path) -> Result<Loaded, String> {
             key.display()
         ),
     })?;
-    Ok(Loaded {
-        cert_pem,
-        key_pem,
-        certified: Arc::new(certified),
-    })
+    Ok(Arc::new(certified))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -367,30 +406,64 @@ impl RotatingCert {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
             current: ArcSwap::from_pointee(load_identity(cert, key)?),
+            warned: Mutex::new(None),
         })
     }
 
     /// Takes the files again when their bytes changed; a pair that does not load (e.g. the
-    /// certificate written, the key not yet) keeps the old one until the next check.
+    /// certificate written, the key not yet, or an expired one) keeps the old one, and is
+    /// tried again only once its content changes.
     fn refresh(&self) {
-        let (Ok(cert_pem), Ok(key_pem)) = (read_pem(&self.cert), read_pem(&self.key)) else {
-            warn!(cert = %self.cert.display(), key = %self.key.display(),
-                  "cannot read the serving certificate files; keeping the loaded ones");
-            return;
+        let (cert_pem, key_pem) = match (read_pem(&self.cert), read_pem(&self.key)) {
+            (Ok(cert_pem), Ok(key_pem)) => (cert_pem, key_pem),
+            (Err(e), _) | (_, Err(e)) => {
+                if self.warn_once(Problem::Unreadable(e.clone())) {
+                    warn!(error = %e, "cannot read the serving certificate files; keeping the loaded ones");
+                }
+                return;
+            }
         };
         let current = self.current.load();
         if current.cert_pem == cert_pem && current.key_pem == key_pem {
+            self.set_warned(None);
             return;
         }
-        match load_identity(&self.cert, &self.key) {
-            Ok(loaded) => {
-                self.current.store(Arc::new(loaded));
+        let rejected_before = matches!(&*self.warned(),
+            Some(Problem::Rejected { cert_pem: c, key_pem: k }) if *c == cert_pem && *k == key_pem);
+        if rejected_before {
+            return;
+        }
+        match parse_identity(&self.cert, &self.key, &cert_pem, &key_pem) {
+            Ok(certified) => {
+                self.current.store(Arc::new(Loaded {
+                    cert_pem,
+                    key_pem,
+                    certified,
+                }));
+                self.set_warned(None);
                 info!(cert = %self.cert.display(), "loaded the renewed serving certificate");
             }
             Err(e) => {
-                warn!(error = %e, "the changed serving certificate does not load; keeping the loaded one")
+                self.set_warned(Some(Problem::Rejected { cert_pem, key_pem }));
+                warn!(error = %e, "the changed serving certificate does not load; keeping the loaded one until the files change again")
             }
         }
+    }
+
+    fn warned(&self) -> std::sync::MutexGuard<'_, Option<Problem>> {
+        self.warned.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_warned(&self, problem: Option<Problem>) {
+        *self.warned() = problem;
+    }
+
+    /// Records `problem`; true when it is not the one warned about last time.
+    fn warn_once(&self, problem: Problem) -> bool {
+        let mut warned = self.warned();
+        let new = warned.as_ref() != Some(&problem);
+        *warned = Some(problem);
+        new
     }
 }
 

@@ -885,3 +885,133 @@ async fn pods_the_sidecar_cannot_join_are_allowed_without_it_and_with_a_warning(
     );
     assert_eq!(sidecar["args"][4], "0.0.0.0:18080");
 }
+
+/// A localhost serving certificate signed by the fixture CA that expired in 2020 (`openssl ca`
+/// is what sets a validity in the past).
+fn expired_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (key, csr, cert, config) = (
+        dir.join("expired.key"),
+        dir.join("expired.csr"),
+        dir.join("expired.pem"),
+        dir.join("ca.cnf"),
+    );
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    std::fs::write(dir.join("serial"), "01\n").unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[ca]\ndefault_ca = ca_default\n[ca_default]\ndatabase = {dir}/index.txt\n\
+             new_certs_dir = {dir}\nserial = {dir}/serial\ndefault_md = sha256\n\
+             policy = any\n[any]\ncommonName = supplied\n",
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &path(&key),
+        ],
+        vec![
+            "req",
+            "-new",
+            "-key",
+            &path(&key),
+            "-subj",
+            "/CN=localhost",
+            "-out",
+            &path(&csr),
+        ],
+        vec![
+            "ca",
+            "-batch",
+            "-notext",
+            "-config",
+            &path(&config),
+            "-cert",
+            &path(&fixture("ca.pem")),
+            "-keyfile",
+            &path(&fixture("ca.key")),
+            "-in",
+            &path(&csr),
+            "-out",
+            &path(&cert),
+            "-startdate",
+            "20200101000000Z",
+            "-enddate",
+            "20200102000000Z",
+        ],
+    ] {
+        let output = Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("run openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    (cert, key)
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_refused_at_start_and_on_rotation_warned_about_once() {
+    let dir = TempDir::new().unwrap();
+    let (expired_cert, expired_key) = expired_certificate(dir.path());
+    let output = Command::new(env!("CARGO_BIN_EXE_bff"))
+        .args(["webhook", "--listen", "127.0.0.1:0"])
+        .arg("--cert")
+        .arg(&expired_cert)
+        .arg("--key")
+        .arg(&expired_key)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("expired.pem: the certificate expired at 2020-01-02"),
+        "{stderr}"
+    );
+
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::copy(fixture("server.pem"), &cert).unwrap();
+    std::fs::copy(fixture("server.key"), &key).unwrap();
+    let webhook = Webhook::start(&cert, &key, &["--cert-reload-interval", "100ms"]).await;
+    let staged = dir.path().join("staged");
+    for (from, to) in [(&expired_key, &key), (&expired_cert, &cert)] {
+        std::fs::copy(from, &staged).unwrap();
+        std::fs::rename(&staged, to).unwrap();
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while !webhook.logs().contains("expired at") {
+        assert!(
+            Instant::now() < deadline,
+            "the expired certificate was not noticed within {DEADLINE:?}:\n{}",
+            webhook.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Twenty more checks of the same files: no new warning, and the old pair still serves.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let logs = webhook.logs();
+    assert_eq!(logs.matches("expired at").count(), 1, "{logs}");
+    let reply = webhook.send("GET", "/healthz", "").await;
+    assert_eq!(reply.server_cert, first_cert(&fixture("server.pem")));
+
+    // Unreadable files are reported once too.
+    std::fs::remove_file(&cert).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let logs = webhook.logs();
+    assert_eq!(logs.matches("cannot read the serving").count(), 1, "{logs}");
+    assert_eq!(
+        webhook.send("GET", "/healthz", "").await.server_cert,
+        first_cert(&fixture("server.pem"))
+    );
+}
