@@ -18,6 +18,10 @@
 //! A body that is not an AdmissionReview v1 at all has no `uid` to answer to: it gets HTTP 400
 //! (413 when larger than 1 MiB), and the API server's own `failurePolicy` decides, as it does
 //! when the webhook cannot be reached.
+//!
+//! Whatever can reach the port is bounded: every request has a deadline for its head and body
+//! (`--request-timeout`), and the connections served at once are capped (`--max-connections`),
+//! so held bodies cannot grow the webhook past `--max-connections` × [`MAX_BODY`].
 
 use std::convert::Infallible;
 use std::fmt;
