@@ -248,10 +248,9 @@ pub fn inject_pod(pod: &Value, options: &InjectOptions) -> Result<Injection, Pod
         return Err(pod_error(
             "spec.hostNetwork",
             format!(
-                "the pod uses the node's network, where bff's ports {} and {} would clash \
-                 with other pods on the node and expose the admin port on the node's \
-                 addresses; annotate the pod with {LISTEN_PORT_ANNOTATION} and \
-                 {ADMIN_PORT_ANNOTATION} (ports free on its nodes) to inject it",
+                "a hostNetwork pod shares the node's ports: bff's {} and {} could clash and \
+                 the admin port would be on the node; set the annotations \
+                 {LISTEN_PORT_ANNOTATION} and {ADMIN_PORT_ANNOTATION}",
                 options.listen_port, options.admin_port
             ),
         ));
@@ -275,12 +274,10 @@ pub fn inject_pod(pod: &Value, options: &InjectOptions) -> Result<Injection, Pod
                     return Err(pod_error(
                         format!("spec.{field}[{i}].ports"),
                         format!(
-                            "port {port} is already used by container {:?}, and bff needs \
-                             {} and {}; set other bff ports with the annotations \
-                             {LISTEN_PORT_ANNOTATION} and {ADMIN_PORT_ANNOTATION}",
+                            "port {port} is already used by container {:?}; move bff with \
+                             the annotations {LISTEN_PORT_ANNOTATION} and \
+                             {ADMIN_PORT_ANNOTATION}",
                             container.get("name").and_then(Value::as_str).unwrap_or(""),
-                            options.listen_port,
-                            options.admin_port
                         ),
                     ));
                 }

@@ -861,6 +861,12 @@ async fn pods_the_sidecar_cannot_join_are_allowed_without_it_and_with_a_warning(
                 && warning.contains(reason),
             "{uid}: {response}"
         );
+        // The API server may cut warnings longer than 256 characters.
+        assert!(
+            warning.len() <= 256,
+            "{uid}: {} characters: {warning}",
+            warning.len()
+        );
     }
 
     // A hostNetwork pod that chooses bff's ports is injected on them, as host ports.
