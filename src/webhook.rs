@@ -29,7 +29,7 @@ use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use base64::Engine as _;
@@ -45,7 +45,7 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use x509_cert::der::Decode as _;
@@ -62,6 +62,9 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// bounds what bodies can hold to 32 MiB; reviews are answered in milliseconds, so a few
 /// connections per API server instance are plenty.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
+/// At most one warning this often about connections closed at `--max-connections`, with how
+/// many were closed since the last one: a flood must not flood the log too.
+const CAP_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// hyper's read buffer per connection (its default grows to ~400 KiB for a long head); the
 /// API server's request heads are well under 1 KiB.
 const MAX_READ_BUFFER: usize = 64 * 1024;
@@ -571,8 +574,11 @@ pub async fn serve(options: ServeOptions) -> Result<(), String> {
     if options.request_timeout.is_zero() {
         return Err("--request-timeout must be longer than 0".into());
     }
-    if options.max_connections == 0 {
-        return Err("--max-connections must be at least 1".into());
+    if options.max_connections == 0 || options.max_connections > Semaphore::MAX_PERMITS {
+        return Err(format!(
+            "--max-connections must be from 1 to {}",
+            Semaphore::MAX_PERMITS
+        ));
     }
     let cert = Arc::new(RotatingCert::load(&options.cert, &options.key)?);
     let mut config = ServerConfig::builder_with_provider(provider())
@@ -610,9 +616,10 @@ pub async fn serve(options: ServeOptions) -> Result<(), String> {
         failure_policy: options.failure_policy,
         request_timeout: options.request_timeout,
     });
-    let slots = Arc::new(tokio::sync::Semaphore::new(options.max_connections));
-    // Logged when the cap is first hit, not for every connection turned away.
-    let mut turning_away = false;
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    // Connections closed at the cap, logged at most every CAP_WARNING_EVERY.
+    let mut turned_away: u64 = 0;
+    let mut last_warning: Option<Instant> = None;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let stop = shutdown_signal();
@@ -632,15 +639,16 @@ pub async fn serve(options: ServeOptions) -> Result<(), String> {
                 // Closed at once rather than left waiting: each one served may hold a body of up
                 // to MAX_BODY, and a client cut off fails fast instead of at its own timeout.
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    if !turning_away {
-                        warn!(max = options.max_connections, %peer,
-                              "at --max-connections; closing new connections until one ends");
-                        turning_away = true;
+                    turned_away += 1;
+                    if last_warning.is_none_or(|at| at.elapsed() >= CAP_WARNING_EVERY) {
+                        warn!(max = options.max_connections, turned_away, last = %peer,
+                              "at --max-connections: closed new connections as they came");
+                        last_warning = Some(Instant::now());
+                        turned_away = 0;
                     }
                     drop(tcp);
                     continue;
                 };
-                turning_away = false;
                 let _ = tcp.set_nodelay(true);
                 let served = connection(tcp, peer, acceptor.clone(), shared.clone(), stop_rx.clone());
                 connections.spawn(async move {
