@@ -13,8 +13,10 @@
 //! - on `POST /mutate-annotated` (every other namespace): injected only when annotated
 //!   `bff.dev/inject: enabled`.
 //!
-//! A review whose pod cannot be injected (a malformed object, a failing mutation) is answered
-//! by `--failure-policy`: `ignore` allows the pod as it is, with a warning; `fail` denies it.
+//! A review whose pod cannot be injected (a malformed object, a pod the sidecar cannot join:
+//! bff's ports taken, `hostNetwork` without ports of its own, see
+//! [`crate::inject::inject_pod`]) is answered by `--failure-policy`: `ignore` allows the pod as
+//! it is, with a warning naming the reason; `fail` denies it.
 //! A body that is not an AdmissionReview v1 at all has no `uid` to answer to: it gets HTTP 400
 //! (413 when larger than 1 MiB), and the API server's own `failurePolicy` decides, as it does
 //! when the webhook cannot be reached.
