@@ -26,6 +26,11 @@ pub const POLICY_DIR: &str = "/etc/bff";
 pub const ADMIN_TOKEN_SECRET: &str = "bff-admin-token";
 pub const ADMIN_TOKEN_VOLUME: &str = "bff-admin-token";
 pub const ADMIN_TOKEN_DIR: &str = "/var/run/secrets/bff-admin";
+/// Pod (template) annotations that set bff's data-plane and admin ports for that pod, over
+/// the options (`--listen-port`, `--admin-port` of `bff inject`; 8080 and 9901 in the webhook).
+/// A `hostNetwork` pod is injected only when it sets both (see [`inject_pod`]).
+pub const LISTEN_PORT_ANNOTATION: &str = "bff.dev/listen-port";
+pub const ADMIN_PORT_ANNOTATION: &str = "bff.dev/admin-port";
 /// Port names of the sidecar (at most 15 characters, as Kubernetes requires).
 pub const HTTP_PORT_NAME: &str = "bff-http";
 pub const ADMIN_PORT_NAME: &str = "bff-admin";
@@ -177,6 +182,15 @@ fn pod_error(path: impl Into<String>, message: impl Into<String>) -> PodError {
 /// raises `terminationGracePeriodSeconds` to [`MIN_TERMINATION_GRACE_SECONDS`] and sets
 /// [`INJECTED_ANNOTATION`]. Callers that should honour an opt-out on the owning workload check
 /// that themselves (see [`is_opted_out`]).
+///
+/// Refused (an error naming the field), since the sidecar could not run there:
+/// - a pod whose containers, init containers or native sidecars already declare bff's listen
+///   or admin port (bff would fail to bind in the shared network namespace);
+/// - a `hostNetwork: true` pod that does not set both [`LISTEN_PORT_ANNOTATION`] and
+///   [`ADMIN_PORT_ANNOTATION`]: bff would bind the default ports on the node, clashing with
+///   every other such pod on it and putting the admin port on the node's addresses. With both
+///   set, the sidecar declares them as `hostPort`s too, so the scheduler never places two pods
+///   needing them on one node.
 pub fn inject_pod(pod: &Value, options: &InjectOptions) -> Result<Injection, PodError> {
     let Some(pod_map) = pod.as_object() else {
         return Err(pod_error(
@@ -221,15 +235,57 @@ pub fn inject_pod(pod: &Value, options: &InjectOptions) -> Result<Injection, Pod
             }
         }
     }
-    // A port the app already uses would make bff fail to bind inside the shared network
-    // namespace: refuse rather than produce a crash-looping pod.
-    for (i, container) in containers.iter().enumerate() {
-        for port in container_ports(container) {
-            if port == options.listen_port || port == options.admin_port {
-                return Err(pod_error(
-                    format!("spec.containers[{i}].ports"),
-                    format!("port {port} is already used by the app; choose other bff ports"),
-                ));
+    let options = &pod_options(pod, options)?;
+    let host_network = match spec.get("hostNetwork") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(on)) => *on,
+        Some(other) => {
+            return Err(pod_error(
+                "spec.hostNetwork",
+                format!("expected a boolean, found {}", type_name(other)),
+            ))
+        }
+    };
+    if host_network
+        && (port_annotation(pod, LISTEN_PORT_ANNOTATION).is_none()
+            || port_annotation(pod, ADMIN_PORT_ANNOTATION).is_none())
+    {
+        return Err(pod_error(
+            "spec.hostNetwork",
+            format!(
+                "a hostNetwork pod shares the node's ports: bff's {} and {} could clash and \
+                 the admin port would be on the node; set the annotations \
+                 {LISTEN_PORT_ANNOTATION} and {ADMIN_PORT_ANNOTATION}",
+                options.listen_port, options.admin_port
+            ),
+        ));
+    }
+    // A port another container already declares would make bff fail to bind inside the
+    // shared network namespace: refuse rather than produce a crash-looping pod. Ordinary init
+    // containers have exited before a classic sidecar starts; a native bff runs beside them.
+    for (field, list) in [
+        ("containers", &containers),
+        ("initContainers", &init_containers),
+    ] {
+        for (i, container) in list.iter().enumerate() {
+            let runs_beside_bff = field == "containers"
+                || options.mode == SidecarMode::Native
+                || container.get("restartPolicy").and_then(Value::as_str) == Some("Always");
+            if !runs_beside_bff {
+                continue;
+            }
+            for port in container_ports(container) {
+                if port == options.listen_port || port == options.admin_port {
+                    return Err(pod_error(
+                        format!("spec.{field}[{i}].ports"),
+                        format!(
+                            "port {port} is already used by container {:?}; move bff with \
+                             the annotations {LISTEN_PORT_ANNOTATION} and \
+                             {ADMIN_PORT_ANNOTATION}",
+                            container.get("name").and_then(Value::as_str).unwrap_or(""),
+                        ),
+                    ));
+                }
             }
         }
     }
@@ -258,7 +314,17 @@ pub fn inject_pod(pod: &Value, options: &InjectOptions) -> Result<Injection, Pod
     );
 
     let spec = object_entry(out_map, "spec").map_err(|m| pod_error("spec", m))?;
-    let sidecar = sidecar_container(options);
+    let mut sidecar = sidecar_container(options);
+    if host_network {
+        // Declared, so the scheduler keeps two pods needing the same node ports apart.
+        let ports = sidecar.get_mut("ports").and_then(Value::as_array_mut);
+        for port in ports.into_iter().flatten() {
+            if let Some(port) = port.as_object_mut() {
+                let number = port.get("containerPort").cloned().unwrap_or(Value::Null);
+                port.insert("hostPort".to_string(), number);
+            }
+        }
+    }
     match options.mode {
         SidecarMode::Native => {
             // First, so it is up before any later init container or the app talks through it.
@@ -291,6 +357,40 @@ pub fn inject_pod(pod: &Value, options: &InjectOptions) -> Result<Injection, Pod
         );
     }
     Ok(Injection::Injected(out))
+}
+
+/// `options` with the ports the pod's [`LISTEN_PORT_ANNOTATION`] and
+/// [`ADMIN_PORT_ANNOTATION`] choose, checked as the options are.
+pub fn pod_options(pod: &Value, options: &InjectOptions) -> Result<InjectOptions, PodError> {
+    let mut chosen = options.clone();
+    let mut annotated = false;
+    for (name, port) in [
+        (LISTEN_PORT_ANNOTATION, &mut chosen.listen_port),
+        (ADMIN_PORT_ANNOTATION, &mut chosen.admin_port),
+    ] {
+        let Some(value) = port_annotation(pod, name) else {
+            continue;
+        };
+        // A number too: `bff inject` reads YAML, where an unquoted 18080 is one.
+        let number = match value {
+            Value::String(text) => text.trim().parse::<u16>().ok(),
+            Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+            _ => None,
+        };
+        *port = number.filter(|p| *p != 0).ok_or_else(|| {
+            pod_error(
+                format!("metadata.annotations.{name}"),
+                format!("{value} is not a port number (1-65535)"),
+            )
+        })?;
+        annotated = true;
+    }
+    if annotated {
+        chosen
+            .validate()
+            .map_err(|m| pod_error("metadata.annotations", m))?;
+    }
+    Ok(chosen)
 }
 
 /// The `bff` container as injected.
@@ -374,6 +474,13 @@ fn annotation<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
         .get("annotations")?
         .get(key)?
         .as_str()
+}
+
+fn port_annotation<'a>(pod: &'a Value, name: &str) -> Option<&'a Value> {
+    pod.get("metadata")?
+        .get("annotations")?
+        .get(name)
+        .filter(|v| !v.is_null())
 }
 
 fn container_ports(container: &Value) -> impl Iterator<Item = u16> + '_ {
@@ -511,6 +618,8 @@ pub struct Output {
 /// are pointed at bff.
 struct InjectedWorkload {
     namespace: Option<String>,
+    /// bff's data-plane port in this workload (its annotation's, or the options').
+    listen_port: u16,
     labels: Map<String, Value>,
     app_port_names: Vec<String>,
 }
@@ -612,8 +721,12 @@ fn inject_object(
         Injection::Injected(pod) => {
             *template = pod;
             notes.push(format!("{label}: injected"));
+            let listen_port = pod_options(template, options)
+                .map_err(|e| pod_error(e, prefix))?
+                .listen_port;
             injected.push(InjectedWorkload {
                 namespace,
+                listen_port,
                 labels: template
                     .get("metadata")
                     .and_then(|m| m.get("labels"))
@@ -703,10 +816,10 @@ fn retarget_services(
         };
         if targets_app {
             let name = port.get("port").map(Value::to_string).unwrap_or_default();
-            port.insert("targetPort".to_string(), json!(options.listen_port));
+            port.insert("targetPort".to_string(), json!(workload.listen_port));
             notes.push(format!(
                 "{label}: port {name} now targets bff on {}",
-                options.listen_port
+                workload.listen_port
             ));
         }
     }
@@ -959,6 +1072,100 @@ mod tests {
             match inject_pod(&pod, &options) {
                 Err(e) => assert_eq!(e.path, path, "{pod}: {e}"),
                 Ok(other) => panic!("{pod}: expected an error at {path}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_container_kind_is_checked_for_bff_ports() {
+        let native_sidecar = json!({ "name": "envoy", "restartPolicy": "Always",
+                                     "ports": [{ "containerPort": 9901 }] });
+        let plain_init = json!({ "name": "setup", "ports": [{ "containerPort": 9901 }] });
+        let classic = InjectOptions {
+            mode: SidecarMode::Classic,
+            ..InjectOptions::default()
+        };
+        for options in [InjectOptions::default(), classic.clone()] {
+            let mut p = pod();
+            p["spec"]["initContainers"] = json!([{ "name": "migrate" }, native_sidecar]);
+            let error = inject_pod(&p, &options).expect_err("9901 is taken");
+            assert_eq!(error.path, "spec.initContainers[1].ports", "{error}");
+            assert!(error.message.contains("\"envoy\""), "{error}");
+        }
+        // An ordinary init container has exited before a classic sidecar starts, not before a
+        // native one does.
+        let mut p = pod();
+        p["spec"]["initContainers"] = json!([plain_init]);
+        assert!(inject_pod(&p, &classic).is_ok());
+        assert_eq!(
+            inject_pod(&p, &InjectOptions::default()).map_err(|e| e.path),
+            Err("spec.initContainers[0].ports".to_string())
+        );
+        // Moved by the annotations, bff no longer collides.
+        p["metadata"]["annotations"] = json!({ ADMIN_PORT_ANNOTATION: "9902" });
+        let out = injected(&p, &InjectOptions::default());
+        assert_eq!(out["spec"]["initContainers"][0]["args"][6], "0.0.0.0:9902");
+    }
+
+    #[test]
+    fn host_network_pods_need_ports_of_their_own() {
+        let mut p = pod();
+        p["spec"]["hostNetwork"] = json!(true);
+        let error = inject_pod(&p, &InjectOptions::default()).expect_err("refused");
+        assert_eq!(error.path, "spec.hostNetwork");
+        assert!(error.message.contains(LISTEN_PORT_ANNOTATION), "{error}");
+        p["metadata"]["annotations"] = json!({ LISTEN_PORT_ANNOTATION: "18080" });
+        assert!(inject_pod(&p, &InjectOptions::default()).is_err());
+
+        p["metadata"]["annotations"] =
+            json!({ LISTEN_PORT_ANNOTATION: "18080", ADMIN_PORT_ANNOTATION: 19901 });
+        let out = injected(&p, &InjectOptions::default());
+        let bff = &out["spec"]["initContainers"][0];
+        assert_eq!(
+            bff["ports"],
+            json!([
+                { "name": "bff-http", "containerPort": 18080, "protocol": "TCP", "hostPort": 18080 },
+                { "name": "bff-admin", "containerPort": 19901, "protocol": "TCP", "hostPort": 19901 },
+            ])
+        );
+        assert_eq!(bff["readinessProbe"]["httpGet"]["port"], 19901);
+
+        p["spec"]["hostNetwork"] = json!("yes");
+        assert_eq!(
+            inject_pod(&p, &InjectOptions::default()).map_err(|e| e.path),
+            Err("spec.hostNetwork".to_string())
+        );
+    }
+
+    #[test]
+    fn port_annotations_are_checked() {
+        for (annotations, path) in [
+            (
+                json!({ LISTEN_PORT_ANNOTATION: "http" }),
+                "metadata.annotations.bff.dev/listen-port",
+            ),
+            (
+                json!({ ADMIN_PORT_ANNOTATION: "0" }),
+                "metadata.annotations.bff.dev/admin-port",
+            ),
+            (
+                json!({ ADMIN_PORT_ANNOTATION: 70000 }),
+                "metadata.annotations.bff.dev/admin-port",
+            ),
+            (
+                json!({ LISTEN_PORT_ANNOTATION: "9901" }),
+                "metadata.annotations",
+            ),
+            (
+                json!({ LISTEN_PORT_ANNOTATION: "3000" }),
+                "metadata.annotations",
+            ),
+        ] {
+            let mut p = pod();
+            p["metadata"]["annotations"] = annotations.clone();
+            match inject_pod(&p, &InjectOptions::default()) {
+                Err(e) => assert_eq!(e.path, path, "{annotations}: {e}"),
+                Ok(other) => panic!("{annotations}: expected an error, got {other:?}"),
             }
         }
     }

@@ -122,6 +122,17 @@ struct WebhookArgs {
     /// How often the certificate files are checked for a change.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     cert_reload_interval: Duration,
+    /// A request's head must arrive within this of the connection being ready (also the
+    /// idle limit of a kept-alive connection), and its body within this of the head;
+    /// otherwise the connection is closed (408 when the head came).
+    #[arg(long, env = "BFF_WEBHOOK_REQUEST_TIMEOUT", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// Connections served at once (each may buffer a body of up to 1 MiB); further ones are
+    /// closed when accepted.
+    #[arg(long, env = "BFF_WEBHOOK_MAX_CONNECTIONS",
+          default_value_t = bff::webhook::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
 }
 
 #[derive(Subcommand)]
@@ -259,6 +270,8 @@ fn webhook(args: WebhookArgs) -> ExitCode {
         key: args.key,
         failure_policy: args.failure_policy,
         cert_reload_interval: args.cert_reload_interval,
+        request_timeout: args.request_timeout,
+        max_connections: args.max_connections,
         webhook: bff::webhook::WebhookOptions {
             image: args.image,
             policy_configmap: args.policy_configmap,

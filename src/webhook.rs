@@ -13,19 +13,25 @@
 //! - on `POST /mutate-annotated` (every other namespace): injected only when annotated
 //!   `bff.dev/inject: enabled`.
 //!
-//! A review whose pod cannot be injected (a malformed object, a failing mutation) is answered
-//! by `--failure-policy`: `ignore` allows the pod as it is, with a warning; `fail` denies it.
+//! A review whose pod cannot be injected (a malformed object, a pod the sidecar cannot join:
+//! bff's ports taken, `hostNetwork` without ports of its own, see
+//! [`crate::inject::inject_pod`]) is answered by `--failure-policy`: `ignore` allows the pod as
+//! it is, with a warning naming the reason; `fail` denies it.
 //! A body that is not an AdmissionReview v1 at all has no `uid` to answer to: it gets HTTP 400
 //! (413 when larger than 1 MiB), and the API server's own `failurePolicy` decides, as it does
 //! when the webhook cannot be reached.
+//!
+//! Whatever can reach the port is bounded: every request has a deadline for its head and body
+//! (`--request-timeout`), and the connections served at once are capped (`--max-connections`),
+//! so held bodies cannot grow the webhook past `--max-connections` × [`MAX_BODY`].
 
 use std::convert::Infallible;
 use std::fmt;
 use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use base64::Engine as _;
@@ -41,9 +47,10 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
+use x509_cert::der::Decode as _;
 
 /// Largest AdmissionReview accepted: a pod spec is a few KiB; the API server caps objects at
 /// about 1.5 MiB, and a pod anywhere near that is not one to mutate.
@@ -53,6 +60,16 @@ const MAX_PEM_FILE: u64 = 1 << 20;
 pub use crate::inject::{INJECTED_ANNOTATION, INJECT_ANNOTATION};
 /// How long open connections get to finish their request after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(10);
+/// Default of `--max-connections`: with at most [`MAX_BODY`] buffered per connection, this
+/// bounds what bodies can hold to 32 MiB; reviews are answered in milliseconds, so a few
+/// connections per API server instance are plenty.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
+/// At most one warning this often about connections closed at `--max-connections`, with how
+/// many were closed since the last one: a flood must not flood the log too.
+const CAP_WARNING_EVERY: Duration = Duration::from_secs(60);
+/// hyper's read buffer per connection (its default grows to ~400 KiB for a long head); the
+/// API server's request heads are well under 1 KiB.
+const MAX_READ_BUFFER: usize = 64 * 1024;
 
 /// What the mutation needs to know: which sidecar to add and where its policy comes from.
 #[derive(Clone, Debug)]
@@ -81,6 +98,12 @@ pub struct ServeOptions {
     pub failure_policy: FailurePolicy,
     /// How often the certificate and key files are checked for a change.
     pub cert_reload_interval: Duration,
+    /// A request's head must arrive within this of the connection being ready for it (which
+    /// also closes a kept-alive connection idle that long), and its body within this of the
+    /// head.
+    pub request_timeout: Duration,
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
     pub webhook: WebhookOptions,
 }
 
@@ -268,6 +291,20 @@ struct RotatingCert {
     cert: PathBuf,
     key: PathBuf,
     current: ArcSwap<Loaded>,
+    /// What the last check warned about, so a file left broken is reported once, not on
+    /// every interval.
+    warned: Mutex<Option<Problem>>,
+}
+
+/// Why the files on disk are not being served.
+#[derive(PartialEq, Eq)]
+enum Problem {
+    Unreadable(String),
+    /// This content was tried and does not load (mismatched, expired, not PEM).
+    Rejected {
+        cert_pem: Vec<u8>,
+        key_pem: Vec<u8>,
+    },
 }
 
 struct Loaded {
@@ -310,16 +347,44 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
 }
 
 fn load_identity(cert: &Path, key: &Path) -> Result<Loaded, String> {
-    let cert_pem = read_pem(cert)?;
-    let key_pem = read_pem(key)?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+    let (cert_pem, key_pem) = (read_pem(cert)?, read_pem(key)?);
+    let certified = parse_identity(cert, key, &cert_pem, &key_pem)?;
+    Ok(Loaded {
+        cert_pem,
+        key_pem,
+        certified,
+    })
+}
+
+/// The certificate chain and key of the files `cert` and `key` (named in errors), refused when
+/// the certificate has expired: the API server would fail every call on it.
+fn parse_identity(
+    cert: &Path,
+    key: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Arc<CertifiedKey>, String> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: not a PEM certificate: {e}", cert.display()))?;
-    if chain.is_empty() {
+    let Some(leaf) = chain.first() else {
         return Err(format!("{}: holds no PEM certificate", cert.display()));
+    };
+    let leaf = x509_cert::Certificate::from_der(leaf)
+        .map_err(|e| format!("{}: not an X.509 certificate: {e}", cert.display()))?;
+    let not_after = leaf.tbs_certificate.validity.not_after;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    if not_after.to_unix_duration() <= now {
+        return Err(format!(
+            "{}: the certificate expired at {}",
+            cert.display(),
+            not_after.to_date_time()
+        ));
     }
     // The parser's message may quote the file: a key's content stays unsaid.
-    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+    let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| {
         format!(
             "{}: holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
             key.display()
@@ -337,11 +402,7 @@ fn load_identity(cert: &Path, key: &Path) -> Result<Loaded, String> {
             key.display()
         ),
     })?;
-    Ok(Loaded {
-        cert_pem,
-        key_pem,
-        certified: Arc::new(certified),
-    })
+    Ok(Arc::new(certified))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -354,30 +415,64 @@ impl RotatingCert {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
             current: ArcSwap::from_pointee(load_identity(cert, key)?),
+            warned: Mutex::new(None),
         })
     }
 
     /// Takes the files again when their bytes changed; a pair that does not load (e.g. the
-    /// certificate written, the key not yet) keeps the old one until the next check.
+    /// certificate written, the key not yet, or an expired one) keeps the old one, and is
+    /// tried again only once its content changes.
     fn refresh(&self) {
-        let (Ok(cert_pem), Ok(key_pem)) = (read_pem(&self.cert), read_pem(&self.key)) else {
-            warn!(cert = %self.cert.display(), key = %self.key.display(),
-                  "cannot read the serving certificate files; keeping the loaded ones");
-            return;
+        let (cert_pem, key_pem) = match (read_pem(&self.cert), read_pem(&self.key)) {
+            (Ok(cert_pem), Ok(key_pem)) => (cert_pem, key_pem),
+            (Err(e), _) | (_, Err(e)) => {
+                if self.warn_once(Problem::Unreadable(e.clone())) {
+                    warn!(error = %e, "cannot read the serving certificate files; keeping the loaded ones");
+                }
+                return;
+            }
         };
         let current = self.current.load();
         if current.cert_pem == cert_pem && current.key_pem == key_pem {
+            self.set_warned(None);
             return;
         }
-        match load_identity(&self.cert, &self.key) {
-            Ok(loaded) => {
-                self.current.store(Arc::new(loaded));
+        let rejected_before = matches!(&*self.warned(),
+            Some(Problem::Rejected { cert_pem: c, key_pem: k }) if *c == cert_pem && *k == key_pem);
+        if rejected_before {
+            return;
+        }
+        match parse_identity(&self.cert, &self.key, &cert_pem, &key_pem) {
+            Ok(certified) => {
+                self.current.store(Arc::new(Loaded {
+                    cert_pem,
+                    key_pem,
+                    certified,
+                }));
+                self.set_warned(None);
                 info!(cert = %self.cert.display(), "loaded the renewed serving certificate");
             }
             Err(e) => {
-                warn!(error = %e, "the changed serving certificate does not load; keeping the loaded one")
+                self.set_warned(Some(Problem::Rejected { cert_pem, key_pem }));
+                warn!(error = %e, "the changed serving certificate does not load; keeping the loaded one until the files change again")
             }
         }
+    }
+
+    fn warned(&self) -> std::sync::MutexGuard<'_, Option<Problem>> {
+        self.warned.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_warned(&self, problem: Option<Problem>) {
+        *self.warned() = problem;
+    }
+
+    /// Records `problem`; true when it is not the one warned about last time.
+    fn warn_once(&self, problem: Problem) -> bool {
+        let mut warned = self.warned();
+        let new = warned.as_ref() != Some(&problem);
+        *warned = Some(problem);
+        new
     }
 }
 
@@ -386,6 +481,7 @@ impl RotatingCert {
 struct Shared {
     options: WebhookOptions,
     failure_policy: FailurePolicy,
+    request_timeout: Duration,
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -402,6 +498,8 @@ async fn handle(
     request: Request<Incoming>,
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    // Counted from the head: hyper has bounded the wait for it (`header_read_timeout`).
+    let body_deadline = tokio::time::Instant::now() + shared.request_timeout;
     let scope = match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => return Ok(text(StatusCode::OK, "ok\n")),
         (&Method::POST, "/mutate") => Scope::Namespace,
@@ -425,14 +523,32 @@ async fn handle(
     if declared.is_some_and(|length| length > MAX_BODY as u64) {
         return Ok(too_large());
     }
-    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Ok(too_large()),
-        Err(e) => {
+    let collect = Limited::new(request.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout_at(body_deadline, collect).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Ok(too_large()),
+        Ok(Err(e)) => {
             return Ok(text(
                 StatusCode::BAD_REQUEST,
                 format!("cannot read the body: {e}\n"),
             ))
+        }
+        // Dropping the collection frees what was buffered; hyper closes the connection, as
+        // the rest of the body is never read.
+        Err(_) => {
+            debug!(timeout = ?shared.request_timeout, "a request body did not arrive in time");
+            let mut response = text(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within {:?}\n",
+                    shared.request_timeout
+                ),
+            );
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return Ok(response);
         }
     };
     match review(&body, scope, &shared.options, shared.failure_policy) {
@@ -456,6 +572,15 @@ async fn handle(
 pub async fn serve(options: ServeOptions) -> Result<(), String> {
     if options.cert_reload_interval.is_zero() {
         return Err("--cert-reload-interval must be longer than 0".into());
+    }
+    if options.request_timeout.is_zero() {
+        return Err("--request-timeout must be longer than 0".into());
+    }
+    if options.max_connections == 0 || options.max_connections > Semaphore::MAX_PERMITS {
+        return Err(format!(
+            "--max-connections must be from 1 to {}",
+            Semaphore::MAX_PERMITS
+        ));
     }
     let cert = Arc::new(RotatingCert::load(&options.cert, &options.key)?);
     let mut config = ServerConfig::builder_with_provider(provider())
@@ -491,7 +616,12 @@ pub async fn serve(options: ServeOptions) -> Result<(), String> {
     let shared = Arc::new(Shared {
         options: options.webhook.clone(),
         failure_policy: options.failure_policy,
+        request_timeout: options.request_timeout,
     });
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    // Connections closed at the cap, logged at most every CAP_WARNING_EVERY.
+    let mut turned_away: u64 = 0;
+    let mut last_warning: Option<Instant> = None;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let stop = shutdown_signal();
@@ -508,8 +638,25 @@ pub async fn serve(options: ServeOptions) -> Result<(), String> {
                         continue;
                     }
                 };
+                // Closed at once rather than left waiting: each one served may hold a body of up
+                // to MAX_BODY, and a client cut off fails fast instead of at its own timeout.
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    turned_away += 1;
+                    if last_warning.is_none_or(|at| at.elapsed() >= CAP_WARNING_EVERY) {
+                        warn!(max = options.max_connections, turned_away, last = %peer,
+                              "at --max-connections: closed new connections as they came");
+                        last_warning = Some(Instant::now());
+                        turned_away = 0;
+                    }
+                    drop(tcp);
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
-                connections.spawn(connection(tcp, peer, acceptor.clone(), shared.clone(), stop_rx.clone()));
+                let served = connection(tcp, peer, acceptor.clone(), shared.clone(), stop_rx.clone());
+                connections.spawn(async move {
+                    served.await;
+                    drop(slot);
+                });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
@@ -534,7 +681,8 @@ async fn connection(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+    let timeout = shared.request_timeout;
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "TLS handshake failed");
@@ -547,7 +695,8 @@ async fn connection(
     };
     let service = hyper::service::service_fn(move |request| handle(request, shared.clone()));
     let conn = hyper::server::conn::http1::Builder::new()
-        .header_read_timeout(Duration::from_secs(10))
+        .header_read_timeout(timeout)
+        .max_buf_size(MAX_READ_BUFFER)
         .timer(hyper_util::rt::TokioTimer::new())
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);

@@ -4,9 +4,10 @@
 //! orphans. The key and value format it reads is the cache contract (`{client}:{route}:v{N}:
 //! {shape}:{inputs}`, values starting `BFFC1\n`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::future::Future;
+use std::hash::{BuildHasher as _, RandomState};
 use std::time::Duration;
 
 use indexmap::IndexMap;
@@ -520,6 +521,34 @@ struct ClientTally {
     unknown_routes: usize,
     other_routes: Option<RouteTally>,
     skipped: u64,
+    walked: WalkedKeys,
+}
+
+/// The keys a client's walk has already taken, so each is counted (and unlinked) once:
+/// `SCAN` may return a key again, e.g. when the keyspace's hash table shrinks between calls.
+/// Kept as two independent 64-bit hashes per key (16 bytes, whatever the key's length); two
+/// keys agreeing on both is not a practical concern (~n²/2¹²⁹).
+struct WalkedKeys {
+    first: RandomState,
+    second: RandomState,
+    digests: HashSet<u128>,
+}
+
+impl WalkedKeys {
+    fn new() -> WalkedKeys {
+        WalkedKeys {
+            first: RandomState::new(),
+            second: RandomState::new(),
+            digests: HashSet::new(),
+        }
+    }
+
+    /// True the first time `key` is offered.
+    fn first_time(&mut self, key: &[u8]) -> bool {
+        let digest =
+            (u128::from(self.first.hash_one(key)) << 64) | u128::from(self.second.hash_one(key));
+        self.digests.insert(digest)
+    }
 }
 
 impl ClientTally {
@@ -543,6 +572,7 @@ impl ClientTally {
             unknown_routes: 0,
             other_routes: None,
             skipped: 0,
+            walked: WalkedKeys::new(),
         }
     }
 
@@ -955,7 +985,7 @@ async fn scan_client(
     let mut rng = rand::rng();
     let mut cursor = String::from("0");
     loop {
-        let (next, keys): (String, Vec<Vec<u8>>) = call(
+        let (next, mut keys): (String, Vec<Vec<u8>>) = call(
             &node.addr,
             "SCAN",
             timeout,
@@ -968,6 +998,7 @@ async fn scan_client(
                 .query_async(&mut node.conn),
         )
         .await?;
+        keys.retain(|key| tally.walked.first_time(key));
 
         // The first bytes of each value (a non-string answers WRONGTYPE: foreign) and its TTL,
         // in one round trip; PTTL after GETRANGE, so -2 means the key went in between.
@@ -1439,6 +1470,16 @@ mod tests {
         assert_eq!(row.memory.bytes, 50 * n);
         assert_eq!(row.no_ttl, n);
         assert!(measured < n, "sampling measured every key");
+    }
+
+    #[test]
+    fn a_key_walked_again_is_not_taken_twice() {
+        let mut walked = WalkedKeys::new();
+        assert!(walked.first_time(b"mobile:home:v1:aa:u1"));
+        assert!(walked.first_time(b"mobile:home:v1:aa:u2"));
+        assert!(walked.first_time(b""));
+        assert!(!walked.first_time(b"mobile:home:v1:aa:u1"));
+        assert!(!walked.first_time(b""));
     }
 
     #[test]

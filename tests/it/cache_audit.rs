@@ -909,3 +909,135 @@ async fn keys_the_sidecar_writes_read_as_live_and_go_orphan_when_the_shape_chang
         ]
     );
 }
+
+/// A TCP relay in front of a real Redis that passes everything through, except that the
+/// `nth` `SCAN` command it sees (counted over all connections) is sent with cursor 0: Redis
+/// then walks from the start again and returns keys it returned before, as its `SCAN`
+/// contract allows at any time (e.g. when the keyspace's hash table shrinks between calls).
+async fn rewinding_relay(redis_port: u16, nth: usize) -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let scans = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+            });
+            let scans = scans.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buffer = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match client_read.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    pending.extend_from_slice(&buffer[..n]);
+                    let mut out = Vec::new();
+                    while let Some((mut args, used)) = resp_command(&pending) {
+                        pending.drain(..used);
+                        let is_scan = args
+                            .first()
+                            .is_some_and(|a| a.eq_ignore_ascii_case(b"SCAN"));
+                        if is_scan && scans.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+                            args[1] = b"0".to_vec();
+                        }
+                        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+                        for arg in args {
+                            out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+                            out.extend_from_slice(&arg);
+                            out.extend_from_slice(b"\r\n");
+                        }
+                    }
+                    if server_write.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One complete RESP command (an array of bulk strings) at the start of `bytes`, and how many
+/// bytes it took; `None` until all of it has arrived.
+fn resp_command(bytes: &[u8]) -> Option<(Vec<Vec<u8>>, usize)> {
+    fn line(bytes: &[u8], at: usize) -> Option<(&[u8], usize)> {
+        let end = bytes[at..].windows(2).position(|w| w == b"\r\n")? + at;
+        Some((&bytes[at..end], end + 2))
+    }
+    let (head, mut at) = line(bytes, 0)?;
+    assert_eq!(
+        head.first(),
+        Some(&b'*'),
+        "the relay reads RESP arrays only"
+    );
+    let count: usize = std::str::from_utf8(&head[1..]).ok()?.parse().ok()?;
+    let mut args = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (length, next) = line(bytes, at)?;
+        let length: usize = std::str::from_utf8(&length[1..]).ok()?.parse().ok()?;
+        if bytes.len() < next + length + 2 {
+            return None;
+        }
+        args.push(bytes[next..next + length].to_vec());
+        at = next + length + 2;
+    }
+    Some((args, at))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_scan_returns_twice_are_counted_and_unlinked_once() {
+    const ORPHANS: usize = 5000;
+    let server = RedisServer::start();
+    let policy = write_policy(MOBILE);
+    let mut redis = server.client().await;
+    let mut pipe = redis::pipe();
+    for i in 0..ORPHANS {
+        pipe.cmd("SET")
+            .arg(format!("mobile:gone:v1:aaaaaaaa:{i}"))
+            .arg(entry(1, "aaaaaaaa"))
+            .ignore();
+    }
+    let _: () = pipe.query_async(redis.conn()).await.unwrap();
+
+    // Let Redis finish growing its hash table (it rehashes incrementally), so that cursor 0
+    // gives the same first page again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let policy_path = policy.path().to_path_buf();
+    let audit_through = |relay: std::net::SocketAddr, extra: &'static [&'static str]| {
+        let policy_path = policy_path.clone();
+        tokio::task::spawn_blocking(move || {
+            audit_json(&format!("redis://{relay}"), &[&policy_path], extra)
+        })
+    };
+
+    // The second page starts over: the first page's keys come back again.
+    let report = audit_through(rewinding_relay(server.port(), 2).await, &[])
+        .await
+        .unwrap();
+    let totals = &report["clients"][0]["totals"];
+    assert_eq!(totals["keys"], ORPHANS, "{totals}");
+    assert_eq!(totals["orphans"], ORPHANS, "{totals}");
+    assert_eq!(route(&report, "mobile", "gone")["totals"]["keys"], ORPHANS);
+
+    // Deleting: each key is unlinked once, and all are gone.
+    let report = audit_through(
+        rewinding_relay(server.port(), 2).await,
+        &["--delete-orphans"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(report["clients"][0]["totals"]["orphans"], ORPHANS);
+    assert_eq!(report["deleted"]["keys"], ORPHANS);
+    assert!(redis.keys("mobile:*").await.is_empty());
+}

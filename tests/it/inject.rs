@@ -544,3 +544,74 @@ fn hostile_inputs_fail_cleanly() {
         );
     }
 }
+
+#[test]
+fn host_network_workloads_and_taken_ports_are_refused_unless_bff_ports_are_chosen() {
+    let daemonset = r#"
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: { name: agent, namespace: ops }
+spec:
+  selector: { matchLabels: { app: agent } }
+  template:
+    metadata:
+      labels: { app: agent }
+    spec:
+      hostNetwork: true
+      containers: [{ name: agent, image: agent:1, ports: [{ name: http, containerPort: 3000 }] }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: agent, namespace: ops }
+spec:
+  selector: { app: agent }
+  ports: [{ port: 80, targetPort: http }]
+"#;
+    let (code, stdout, stderr) = inject(&["-"], daemonset);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("document 1 (daemonset/agent in ops): spec.template.spec.hostNetwork:"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("bff.dev/listen-port"), "{stderr}");
+
+    // With both ports chosen, it is injected on them, declared as host ports, and the Service
+    // is pointed at the chosen listen port.
+    let chosen = daemonset.replace(
+        "labels: { app: agent }\n    spec:",
+        "labels: { app: agent }\n      annotations: { bff.dev/listen-port: \"18080\", \
+         bff.dev/admin-port: \"19901\" }\n    spec:",
+    );
+    let (docs, _) = inject_file(&chosen, &[]);
+    let bff = &pod_of(&docs[0])["spec"]["initContainers"][0];
+    assert_sidecar_shape(bff, 18080, 19901, "policy.yaml");
+    assert_eq!(bff["ports"][0]["hostPort"], 18080);
+    assert_eq!(bff["ports"][1]["hostPort"], 19901);
+    assert_eq!(docs[1]["spec"]["ports"][0]["targetPort"], 18080);
+
+    // A native sidecar already on Envoy's admin port 9901 (bff's default admin port).
+    let envoy = r#"
+kind: Deployment
+metadata: { name: web }
+spec:
+  template:
+    spec:
+      initContainers:
+        - { name: envoy, image: envoy:1, restartPolicy: Always, ports: [{ containerPort: 9901 }] }
+      containers: [{ name: app, image: web:1 }]
+"#;
+    let (code, _, stderr) = inject(&["-"], envoy);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("spec.template.spec.initContainers[0].ports: port 9901 is already used by container \"envoy\""),
+        "{stderr}"
+    );
+    let (docs, _) = inject_file(envoy, &["--admin-port", "9902"]);
+    assert_sidecar_shape(
+        &pod_of(&docs[0])["spec"]["initContainers"][0],
+        8080,
+        9902,
+        "policy.yaml",
+    );
+}

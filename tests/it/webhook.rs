@@ -699,3 +699,323 @@ async fn the_manifests_send_pods_to_paths_the_webhook_serves_as_they_say() {
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "https");
     assert_eq!(service["spec"]["ports"][0]["port"], 443);
 }
+
+/// `VmRSS` or `VmHWM` of a process, in KiB.
+fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// A TLS connection that has sent a review's head declaring 1 MiB and all of the body but its
+/// last byte, then falls silent; `None` when the server closed it before that.
+async fn hold_a_body(
+    addr: SocketAddr,
+) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use tokio::io::AsyncWriteExt as _;
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots())
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let mut tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .ok()?;
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        bff::webhook::MAX_BODY
+    );
+    tls.write_all(head.as_bytes()).await.ok()?;
+    tls.write_all(&vec![b' '; bff::webhook::MAX_BODY - 1])
+        .await
+        .ok()?;
+    tls.flush().await.ok()?;
+    Some(tls)
+}
+
+/// What a held connection reads until the server closes it, or `None` if it is still open
+/// at `deadline`.
+async fn closed_by(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    deadline: Instant,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut reply = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tls.read(&mut buffer)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&reply).into_owned()),
+            Ok(Ok(n)) => reply.extend_from_slice(&buffer[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn held_bodies_are_cut_off_at_the_deadline_and_connections_are_capped() {
+    let webhook =
+        Webhook::start_with_fixtures(&["--request-timeout", "2s", "--max-connections", "16"]).await;
+    let pid = webhook.child.id();
+    let before = memory_kib(pid, "VmRSS");
+
+    // 100 clients hold a nearly complete 1 MiB body each: unbounded, that is ~100 MiB buffered.
+    let attempts = futures::future::join_all((0..100).map(|_| hold_a_body(webhook.addr))).await;
+    let mut held: Vec<_> = attempts.into_iter().flatten().collect();
+    assert!(
+        !held.is_empty(),
+        "no connection was served:\n{}",
+        webhook.logs()
+    );
+
+    // Each is answered 408 and closed once the deadline passes (2 s; generous for a loaded CI).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut timed_out = 0;
+    for tls in &mut held {
+        let reply = closed_by(tls, deadline)
+            .await
+            .unwrap_or_else(|| panic!("a held body is still open after 20 s:\n{}", webhook.logs()));
+        timed_out += usize::from(reply.starts_with("HTTP/1.1 408"));
+    }
+    assert!(timed_out >= 1, "no held body was answered 408");
+    assert!(
+        timed_out <= 16,
+        "{timed_out} bodies were read at once, over --max-connections 16"
+    );
+    // Logged once, not once per connection closed.
+    let logs = webhook.logs();
+    assert_eq!(logs.matches("at --max-connections").count(), 1, "{logs}");
+
+    // At most 16 bodies were ever buffered at once: the peak stays far below the ~100 MiB the
+    // 100 connections would hold without the cap.
+    let peak = memory_kib(pid, "VmHWM");
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 60,
+        "the webhook grew by {grown_mib} MiB (RSS before {before} kB, peak {peak} kB)"
+    );
+
+    // And it still answers reviews.
+    let pod = pod(json!({"bff.dev/inject": "enabled"}));
+    let response = webhook
+        .review("/mutate", &admission_review("after", pod.clone()))
+        .await;
+    assert_injected(&apply(&response, &pod), &pod);
+}
+
+#[tokio::test]
+async fn a_held_body_is_cut_off_by_the_default_deadline() {
+    let webhook = Webhook::start_with_fixtures(&[]).await;
+    let started = Instant::now();
+    let mut tls = hold_a_body(webhook.addr).await.expect("served");
+    let reply = closed_by(&mut tls, started + Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("a held body is still open after 30 s:\n{}", webhook.logs()));
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    // The default is 10 s: not cut off early.
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn pods_the_sidecar_cannot_join_are_allowed_without_it_and_with_a_warning() {
+    let webhook = Webhook::start_with_fixtures(&[]).await;
+    let mut host_network = pod(json!({"bff.dev/inject": "enabled"}));
+    host_network["spec"]["hostNetwork"] = json!(true);
+    let mut envoy_admin = pod(json!({"bff.dev/inject": "enabled"}));
+    envoy_admin["spec"]["initContainers"] = json!([
+        {"name": "migrate", "image": "web:1"},
+        {"name": "envoy", "image": "envoy:1", "restartPolicy": "Always",
+         "ports": [{"containerPort": 9901}]},
+    ]);
+    let mut app_port = pod(json!({"bff.dev/inject": "enabled"}));
+    app_port["spec"]["containers"][0]["ports"] = json!([{"containerPort": 8080}]);
+    let cases = [
+        ("host", host_network.clone(), "spec.hostNetwork"),
+        (
+            "envoy",
+            envoy_admin,
+            "spec.initContainers[1].ports: port 9901",
+        ),
+        ("app", app_port, "spec.containers[0].ports: port 8080"),
+    ];
+    for (uid, pod, reason) in cases {
+        let response = webhook.review("/mutate", &admission_review(uid, pod)).await;
+        assert_eq!(response["allowed"], true, "{uid}: {response}");
+        assert!(response.get("patch").is_none(), "{uid}: {response}");
+        let warning = response["warnings"][0].as_str().unwrap_or_default();
+        assert!(
+            warning.starts_with("bff webhook: cannot inject the bff sidecar:")
+                && warning.contains(reason),
+            "{uid}: {response}"
+        );
+        // The API server may cut warnings longer than 256 characters.
+        assert!(
+            warning.len() <= 256,
+            "{uid}: {} characters: {warning}",
+            warning.len()
+        );
+    }
+
+    // A hostNetwork pod that chooses bff's ports is injected on them, as host ports.
+    let annotations = &mut host_network["metadata"]["annotations"];
+    annotations["bff.dev/listen-port"] = json!("18080");
+    annotations["bff.dev/admin-port"] = json!("19901");
+    let response = webhook
+        .review(
+            "/mutate",
+            &admission_review("host-ports", host_network.clone()),
+        )
+        .await;
+    let patched = apply(&response, &host_network);
+    assert_injected(&patched, &host_network);
+    let sidecar = &patched["spec"]["initContainers"][0];
+    assert_eq!(
+        sidecar["ports"],
+        json!([
+            {"name": "bff-http", "containerPort": 18080, "protocol": "TCP", "hostPort": 18080},
+            {"name": "bff-admin", "containerPort": 19901, "protocol": "TCP", "hostPort": 19901},
+        ])
+    );
+    assert_eq!(sidecar["args"][4], "0.0.0.0:18080");
+}
+
+/// A localhost serving certificate signed by the fixture CA that expired in 2020 (`openssl ca`
+/// is what sets a validity in the past).
+fn expired_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (key, csr, cert, config) = (
+        dir.join("expired.key"),
+        dir.join("expired.csr"),
+        dir.join("expired.pem"),
+        dir.join("ca.cnf"),
+    );
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    std::fs::write(dir.join("serial"), "01\n").unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[ca]\ndefault_ca = ca_default\n[ca_default]\ndatabase = {dir}/index.txt\n\
+             new_certs_dir = {dir}\nserial = {dir}/serial\ndefault_md = sha256\n\
+             policy = any\n[any]\ncommonName = supplied\n",
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &path(&key),
+        ],
+        vec![
+            "req",
+            "-new",
+            "-key",
+            &path(&key),
+            "-subj",
+            "/CN=localhost",
+            "-out",
+            &path(&csr),
+        ],
+        vec![
+            "ca",
+            "-batch",
+            "-notext",
+            "-config",
+            &path(&config),
+            "-cert",
+            &path(&fixture("ca.pem")),
+            "-keyfile",
+            &path(&fixture("ca.key")),
+            "-in",
+            &path(&csr),
+            "-out",
+            &path(&cert),
+            "-startdate",
+            "20200101000000Z",
+            "-enddate",
+            "20200102000000Z",
+        ],
+    ] {
+        let output = Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("run openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    (cert, key)
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_refused_at_start_and_on_rotation_warned_about_once() {
+    let dir = TempDir::new().unwrap();
+    let (expired_cert, expired_key) = expired_certificate(dir.path());
+    let output = Command::new(env!("CARGO_BIN_EXE_bff"))
+        .args(["webhook", "--listen", "127.0.0.1:0"])
+        .arg("--cert")
+        .arg(&expired_cert)
+        .arg("--key")
+        .arg(&expired_key)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("expired.pem: the certificate expired at 2020-01-02"),
+        "{stderr}"
+    );
+
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::copy(fixture("server.pem"), &cert).unwrap();
+    std::fs::copy(fixture("server.key"), &key).unwrap();
+    let webhook = Webhook::start(&cert, &key, &["--cert-reload-interval", "100ms"]).await;
+    let staged = dir.path().join("staged");
+    for (from, to) in [(&expired_key, &key), (&expired_cert, &cert)] {
+        std::fs::copy(from, &staged).unwrap();
+        std::fs::rename(&staged, to).unwrap();
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while !webhook.logs().contains("expired at") {
+        assert!(
+            Instant::now() < deadline,
+            "the expired certificate was not noticed within {DEADLINE:?}:\n{}",
+            webhook.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Twenty more checks of the same files: no new warning, and the old pair still serves.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let logs = webhook.logs();
+    assert_eq!(logs.matches("expired at").count(), 1, "{logs}");
+    let reply = webhook.send("GET", "/healthz", "").await;
+    assert_eq!(reply.server_cert, first_cert(&fixture("server.pem")));
+
+    // Unreadable files are reported once too.
+    std::fs::remove_file(&cert).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let logs = webhook.logs();
+    assert_eq!(logs.matches("cannot read the serving").count(), 1, "{logs}");
+    assert_eq!(
+        webhook.send("GET", "/healthz", "").await.server_cert,
+        first_cert(&fixture("server.pem"))
+    );
+}
