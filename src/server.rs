@@ -17,6 +17,7 @@ use tracing::{error, info};
 
 use crate::admin::Admin;
 use crate::cache::{RedisTarget, L2};
+use crate::listener::{ClientLimits, GuardedListener};
 use crate::metrics::ReloadResult;
 use crate::pipeline::auth::Verifier;
 use crate::policy::Policy;
@@ -46,6 +47,8 @@ pub struct RunOptions {
     pub grace_period: Duration,
     /// The cache's L2, when there is one.
     pub redis: Option<RedisTarget>,
+    /// Bounds on client connections and their request heads.
+    pub client_limits: ClientLimits,
 }
 
 /// Runs the sidecar until SIGTERM (drain, then exit) or SIGINT (exit at once).
@@ -71,12 +74,15 @@ pub fn run(options: RunOptions, policy: Policy) -> ! {
     server.bootstrap();
 
     let shared = Arc::new(Shared::new(policy));
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    let app = pingora::proxy::http_proxy(
         &server.configuration,
         Bff {
             shared: shared.clone(),
         },
-        "bff",
+    );
+    let mut proxy = Service::new(
+        "bff".to_string(),
+        GuardedListener::new(app, options.client_limits.clone()),
     );
     proxy.add_listener(
         ListenerConfig::tcp(options.listen.as_str()).l4_buffer(L4BufferSettings {

@@ -13,6 +13,7 @@ mod hostile;
 mod inject;
 mod jwt;
 mod k8s;
+mod limits;
 mod lifecycle;
 mod passthrough;
 mod proxy_route;
