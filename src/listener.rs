@@ -97,19 +97,18 @@ where
         };
         let mut kept_alive: Option<Option<HttpPersistentSettings>> = None;
         loop {
-            let head = match read_head(&mut stream, &self.limits, kept_alive.is_some(), shutdown)
-                .await
-            {
-                Ok(head) => head,
-                Err(HeadEnd::TooLarge(head)) => {
-                    answer_too_large(stream, head).await;
-                    return None;
-                }
-                Err(end) => {
-                    debug!(?end, "client connection closed before a request");
-                    return None;
-                }
-            };
+            let head =
+                match read_head(&mut stream, &self.limits, kept_alive.is_some(), shutdown).await {
+                    Ok(head) => head,
+                    Err(HeadEnd::TooLarge(head)) => {
+                        answer_too_large(stream, head).await;
+                        return None;
+                    }
+                    Err(end) => {
+                        debug!(?end, "client connection closed before a request");
+                        return None;
+                    }
+                };
             let mut session = ServerSession::new_http1(stream);
             match kept_alive.take().flatten() {
                 Some(settings) => settings.apply_to_session(&mut session),
@@ -121,7 +120,8 @@ where
             }
             // Pingora only reads this as "reuse the connection" here: the head it parses is
             // already read, and the wait for the next one is `read_head`'s.
-            let keepalive = (!*shutdown.borrow()).then_some(self.limits.idle_timeout.as_secs().max(1));
+            let keepalive =
+                (!*shutdown.borrow()).then_some(self.limits.idle_timeout.as_secs().max(1));
             session.set_keepalive(keepalive);
             // Pingora parses a complete head from this buffer without reading, and takes any
             // bytes after it as the start of the body. (Pingora's own pipelining, which would
@@ -288,7 +288,10 @@ mod tests {
     #[test]
     fn finds_the_end_of_a_head_across_reads() {
         assert_eq!(ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"]), Some(0));
-        assert_eq!(ends(&[b"GET / HTTP/1.1\r\nHost: a\r", b"\n", b"\r", b"\nbody"]), Some(3));
+        assert_eq!(
+            ends(&[b"GET / HTTP/1.1\r\nHost: a\r", b"\n", b"\r", b"\nbody"]),
+            Some(3)
+        );
         assert_eq!(ends(&[b"GET / HTTP/1.1\nHost: a\n\n"]), Some(0));
         assert_eq!(ends(&[b"GET / HTTP/1.1\r\nHost: a\r\n"]), None);
         // Empty lines before the request line do not end the head (httparse skips them).

@@ -163,9 +163,7 @@ impl BodyDecoder {
             },
         );
         let zlib = match start.as_slice() {
-            [cmf, flg, ..] => {
-                cmf & 0x0f == 8 && (u16::from(*cmf) << 8 | u16::from(*flg)) % 31 == 0
-            }
+            [cmf, flg, ..] => cmf & 0x0f == 8 && (u16::from(*cmf) << 8 | u16::from(*flg)) % 31 == 0,
             _ => true,
         };
         self.coding = if zlib {
@@ -315,7 +313,10 @@ mod tests {
             let value = HeaderValue::from_static(encoding);
             let mut decoder = BodyDecoder::new(Some(&value), LIMIT).unwrap();
             // One push of the whole body: the case Pingora's codec inflated in one call.
-            let error = decoder.push(&body).err().unwrap_or_else(|| panic!("{encoding} passed"));
+            let error = decoder
+                .push(&body)
+                .err()
+                .unwrap_or_else(|| panic!("{encoding} passed"));
             assert!(
                 matches!(error, DecodeError::OverLimit { limit: LIMIT, .. }),
                 "{encoding}: {error}"
@@ -328,13 +329,35 @@ mod tests {
     fn the_bound_counts_plain_bodies_and_the_final_flush() {
         let mut plain = BodyDecoder::new(None, 10).unwrap();
         plain.push(b"0123456789").unwrap();
-        assert!(matches!(plain.push(b"x"), Err(DecodeError::OverLimit { .. })));
+        assert!(matches!(
+            plain.push(b"x"),
+            Err(DecodeError::OverLimit { .. })
+        ));
         // Exactly at the bound passes, one byte more does not, however it is split.
         for (size, passes) in [(LIMIT, true), (LIMIT + 1, false)] {
             let body = gzip(&vec![b'a'; size]);
             let result = decode("gzip", &body);
             assert_eq!(result.is_ok(), passes, "{size}: {:?}", result.err());
         }
+    }
+
+    #[test]
+    fn a_zstd_frame_asking_for_a_window_over_8_mib_is_refused() {
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        encoder.window_log(27).unwrap();
+        encoder.write_all(b"{}").unwrap();
+        let body = encoder.finish().unwrap();
+        let error = decode("zstd", &body).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                DecodeError::Corrupt {
+                    encoding: "zstd",
+                    ..
+                }
+            ),
+            "{error}"
+        );
     }
 
     #[test]
@@ -346,7 +369,10 @@ mod tests {
         ));
         for encoding in ["gzip", "br", "zstd"] {
             let error = decode(encoding, b"this is not compressed at all").unwrap_err();
-            assert!(matches!(error, DecodeError::Corrupt { .. }), "{encoding}: {error}");
+            assert!(
+                matches!(error, DecodeError::Corrupt { .. }),
+                "{encoding}: {error}"
+            );
         }
     }
 }

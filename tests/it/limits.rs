@@ -69,7 +69,12 @@ fn bombs() -> Vec<(&'static str, Vec<u8>)> {
         feed(&mut e);
         e.finish().unwrap()
     };
-    vec![("gzip", gzip), ("deflate", deflate), ("br", br), ("zstd", zstd)]
+    vec![
+        ("gzip", gzip),
+        ("deflate", deflate),
+        ("br", br),
+        ("zstd", zstd),
+    ]
 }
 
 const ENCODINGS: [&str; 4] = ["gzip", "deflate", "br", "zstd"];
@@ -176,7 +181,11 @@ async fn compressed_bombs_are_refused_without_inflating_them() {
         match kind {
             "opt" => {
                 assert_eq!(reply.status, 200, "{what}: {body}");
-                assert_eq!(body["meta"]["degradedSections"], json!(["extras"]), "{what}");
+                assert_eq!(
+                    body["meta"]["degradedSections"],
+                    json!(["extras"]),
+                    "{what}"
+                );
                 assert_eq!(body["extras"], json!({"id": null}), "{what}");
                 assert_eq!(body["user"], json!({"id": 7}), "{what}");
             }
@@ -249,7 +258,11 @@ async fn request_heads_over_the_bound_are_answered_431_in_bounded_memory() {
         request.extend_from_slice(b"\r\n\r\n");
         stream.write_all(&request).await.unwrap();
         let reply = read_until(&mut stream, b"{\"app\":true}").await;
-        assert!(reply.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&reply));
+        assert!(
+            reply.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
     }
 
     let mut request = endless_head(100 * 1024);
@@ -274,7 +287,10 @@ async fn request_heads_over_the_bound_are_answered_431_in_bounded_memory() {
     for reply in futures::future::join_all(clients).await {
         let reply = reply.unwrap();
         let text = String::from_utf8_lossy(&reply);
-        assert!(text.is_empty() || text.starts_with("HTTP/1.1 431 "), "{text}");
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 431 "),
+            "{text}"
+        );
     }
     let grown = proc_status(bff.pid(), "VmHWM").saturating_sub(before);
     assert!(
@@ -292,7 +308,10 @@ async fn a_head_that_drips_in_is_cut_at_the_header_timeout() {
 
     // One byte every 300 ms: each read is quick, the head never ends.
     let mut stream = connect(bff.addr()).await;
-    stream.write_all(b"GET /x HTTP/1.1\r\nX-Slow: ").await.unwrap();
+    stream
+        .write_all(b"GET /x HTTP/1.1\r\nX-Slow: ")
+        .await
+        .unwrap();
     let started = Instant::now();
     let (mut reader, mut writer) = stream.into_split();
     let drip = tokio::spawn(async move {
@@ -309,7 +328,10 @@ async fn a_head_that_drips_in_is_cut_at_the_header_timeout() {
     })
     .await;
     drip.abort();
-    assert!(closed.is_ok(), "a dripping head kept its connection for 20 s");
+    assert!(
+        closed.is_ok(),
+        "a dripping head kept its connection for 20 s"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "closed only after {:?}",
@@ -333,7 +355,11 @@ async fn kept_alive_connections_close_after_the_idle_timeout() {
             .await
             .unwrap();
         let reply = read_until(&mut stream, b"{\"app\":true}").await;
-        assert!(reply.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&reply));
+        assert!(
+            reply.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(
@@ -346,11 +372,8 @@ async fn kept_alive_connections_close_after_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_are_closed_at_once() {
     let app = app();
-    let (bff, _file) = start_with(
-        &app,
-        &["--max-connections", "3", "--header-timeout", "60s"],
-    )
-    .await;
+    let (bff, _file) =
+        start_with(&app, &["--max-connections", "3", "--header-timeout", "60s"]).await;
     // Readiness probes from inside bff may still hold a slot for a moment.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut held = Vec::new();
@@ -411,12 +434,19 @@ async fn memory_freed_after_a_spike_goes_back_to_the_os() {
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("no spike: RSS {} MiB", proc_status(bff.pid(), "VmRSS") / MIB));
+    .unwrap_or_else(|_| {
+        panic!(
+            "no spike: RSS {} MiB",
+            proc_status(bff.pid(), "VmRSS") / MIB
+        )
+    });
     drop(clients);
+    // Half the spike back within seconds; without jemalloc's background purging an idle
+    // process kept all of it.
     let settled = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             let rss = proc_status(bff.pid(), "VmRSS");
-            if rss < baseline + 40 * MIB {
+            if rss < baseline + (spiked - baseline) / 2 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
