@@ -22,6 +22,7 @@ use tokio::time::{timeout_at, Instant};
 use tracing::debug;
 
 use crate::envelope::{Envelope, ErrorCode};
+use crate::metrics::{Metrics, Refusal};
 use crate::pipeline::edge;
 
 /// What a client connection may cost: `bff run` flags, where the defaults are.
@@ -51,30 +52,37 @@ pub struct GuardedListener<A> {
     app: Arc<A>,
     limits: ClientLimits,
     open: AtomicUsize,
+    metrics: Arc<Metrics>,
 }
 
 impl<A> GuardedListener<A> {
-    pub fn new(app: A, limits: ClientLimits) -> Self {
+    pub fn new(app: A, limits: ClientLimits, metrics: Arc<Metrics>) -> Self {
         GuardedListener {
             app: Arc::new(app),
             limits,
             open: AtomicUsize::new(0),
+            metrics,
         }
     }
 
-    fn take_slot(&self) -> Option<Slot<'_>> {
+    fn take_slot(&self) -> Option<Slot<'_, A>> {
         let before = self.open.fetch_add(1, Ordering::AcqRel);
-        let slot = Slot(&self.open);
-        (before < self.limits.max_connections).then_some(slot)
+        if before >= self.limits.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        self.metrics.client_connections_open.inc();
+        Some(Slot(self))
     }
 }
 
 /// One open client connection, counted until dropped.
-struct Slot<'a>(&'a AtomicUsize);
+struct Slot<'a, A>(&'a GuardedListener<A>);
 
-impl Drop for Slot<'_> {
+impl<A> Drop for Slot<'_, A> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.client_connections_open.dec();
     }
 }
 
@@ -89,6 +97,7 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let Some(_slot) = self.take_slot() else {
+            self.metrics.refused(Refusal::OverCap);
             debug!(
                 max_connections = self.limits.max_connections,
                 "client connection closed: too many open"
@@ -101,7 +110,13 @@ where
                 match read_head(&mut stream, &self.limits, kept_alive.is_some(), shutdown).await {
                     Ok(head) => head,
                     Err(HeadEnd::TooLarge(head)) => {
+                        self.metrics.refused(Refusal::HeadTooLarge);
                         answer_too_large(stream, head).await;
+                        return None;
+                    }
+                    Err(HeadEnd::Timeout) => {
+                        self.metrics.refused(Refusal::HeadTimeout);
+                        debug!("client connection closed: its request head took too long");
                         return None;
                     }
                     Err(end) => {

@@ -82,7 +82,7 @@ pub fn run(options: RunOptions, policy: Policy) -> ! {
     );
     let mut proxy = Service::new(
         "bff".to_string(),
-        GuardedListener::new(app, options.client_limits.clone()),
+        GuardedListener::new(app, options.client_limits.clone(), shared.metrics.clone()),
     );
     proxy.add_listener(
         ListenerConfig::tcp(options.listen.as_str()).l4_buffer(L4BufferSettings {

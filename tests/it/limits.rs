@@ -12,6 +12,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::support::metrics::metric;
 use crate::support::raw::{connect, read_to_end, read_until};
 use crate::support::{http, write_policy, Bff, MockReply, MockServer, TempPolicy};
 
@@ -299,6 +300,16 @@ async fn request_heads_over_the_bound_are_answered_431_in_bounded_memory() {
         grown / MIB
     );
     assert_eq!(app.requests().len(), 2, "an oversized head reached the app");
+    assert_eq!(refused(&bff, "head_too_large").await, 151.0);
+}
+
+async fn refused(bff: &Bff, reason: &str) -> f64 {
+    metric(
+        bff,
+        "bff_client_connections_refused_total",
+        &[("reason", reason)],
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,6 +353,7 @@ async fn a_head_that_drips_in_is_cut_at_the_header_timeout() {
     let mut silent = connect(bff.addr()).await;
     assert!(closed_within(&mut silent, Duration::from_secs(10)).await);
     assert!(app.requests().is_empty());
+    assert_eq!(refused(&bff, "head_timeout").await, 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,6 +403,7 @@ async fn connections_over_the_cap_are_closed_at_once() {
     for stream in &mut held {
         assert!(!closed_within(stream, Duration::from_millis(100)).await);
     }
+    assert!(refused(&bff, "over_cap").await >= 1.0);
 
     // A slot frees up when a connection closes.
     held.pop();
