@@ -4,7 +4,8 @@
 //! the internal services. A request flows through these stages, each in its own module:
 //!
 //! ```text
-//! client ─▶ edge         trace id, loop refusal (508)   pipeline::edge
+//! client ─▶ listener     connection cap, head bounds    listener (431, or close)
+//!        ─▶ edge         trace id, loop refusal (508)   pipeline::edge
 //!        ─▶ route        method + path → Route          pipeline::route (404/405, or fall through)
 //!        ─▶ auth         JWT or API key; scopes (403)   pipeline::auth (401)
 //!        ─▶ rate limit   sub, API key or address (429)  pipeline::rate_limit
@@ -22,6 +23,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod policy;
+pub mod listener;
 pub mod proxy;
 pub mod pipeline;
 pub mod upstream;

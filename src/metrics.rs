@@ -48,6 +48,31 @@ pub struct Metrics {
     /// (`unreadable`, `too_large`, `hanging`, `invalid`); the last good value stayed in use.
     pub secret_file_failures_total: IntCounterVec,
     pub in_flight_requests: IntGauge,
+    /// Client connections open now (see `listener`).
+    pub client_connections_open: IntGauge,
+    /// `{reason}`: client connections the listener closed without serving a request.
+    pub client_connections_refused_total: IntCounterVec,
+}
+
+/// Why the listener closed a client connection: the `reason` label.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    /// Over `--max-connections`.
+    OverCap,
+    /// A request head over `--max-header-bytes` (answered 431).
+    HeadTooLarge,
+    /// A request head not complete within `--header-timeout`.
+    HeadTimeout,
+}
+
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::OverCap => "over_cap",
+            Refusal::HeadTooLarge => "head_too_large",
+            Refusal::HeadTimeout => "head_timeout",
+        }
+    }
 }
 
 /// How one call to a dependency ended: the `outcome` label.
@@ -227,8 +252,27 @@ impl Metrics {
                 )
                 .expect("static metric definition"),
             ),
+            client_connections_open: register(
+                &registry,
+                IntGauge::new(
+                    "bff_client_connections_open",
+                    "Client connections open now.",
+                )
+                .expect("static metric definition"),
+            ),
+            client_connections_refused_total: counter(
+                "bff_client_connections_refused_total",
+                "Client connections closed without a request served, by reason (over_cap, head_too_large, head_timeout).",
+                &["reason"],
+            ),
             registry,
         }
+    }
+
+    pub fn refused(&self, refusal: Refusal) {
+        self.client_connections_refused_total
+            .with_label_values(&[refusal.label()])
+            .inc();
     }
 
     pub fn reloaded(&self, result: ReloadResult) {

@@ -11,11 +11,13 @@ use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
 use crate::admin::{self, Admin, ControlAccess};
 use crate::cache::{RedisTarget, L2};
+use crate::listener::{ClientLimits, GuardedListener};
 use crate::metrics::ReloadResult;
 use crate::pipeline::auth::Verifier;
 use crate::policy::files::{self, ReadError};
@@ -48,6 +50,8 @@ pub struct RunOptions {
     pub grace_period: Duration,
     /// The cache's L2, when there is one.
     pub redis: Option<RedisTarget>,
+    /// Bounds on client connections and their request heads.
+    pub client_limits: ClientLimits,
 }
 
 /// Runs the sidecar until SIGTERM (drain, then exit) or SIGINT (exit at once).
@@ -86,12 +90,15 @@ pub fn run(options: RunOptions, policy: Policy) -> ! {
     server.bootstrap();
 
     let shared = Arc::new(Shared::new(policy));
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    let app = pingora::proxy::http_proxy(
         &server.configuration,
         Bff {
             shared: shared.clone(),
         },
-        "bff",
+    );
+    let mut proxy = Service::new(
+        "bff".to_string(),
+        GuardedListener::new(app, options.client_limits.clone(), shared.metrics.clone()),
     );
     proxy.add_listener(
         ListenerConfig::tcp(options.listen.as_str()).l4_buffer(L4BufferSettings {

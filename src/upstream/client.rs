@@ -9,20 +9,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use pingora::http::ResponseHeader;
-use pingora::protocols::http::compression::ResponseCompressionCtx;
 use tower::Service;
 
+use super::decode::BodyDecoder;
 use super::tls::{self, UpstreamTls};
 use super::{error_chain, Answer, CallError, Failure, Outbound, IDLE_TIMEOUT, MAX_BODY};
 use crate::pipeline::edge::TRACE_HEADER;
@@ -30,6 +28,10 @@ use crate::policy::{Upstream, Var};
 
 /// The header that marks a request as coming from a BFF (see `pipeline::edge`).
 pub const BFF_CLIENT_HEADER: &str = "x-bff-client";
+
+/// Compressed bytes decoded in one step before the worker thread may serve another request.
+/// The bound on decoded bytes already caps a body's whole work; this keeps one step short.
+const DECODE_STEP: usize = 16 * 1024;
 
 /// A request with every header decided, or why it could not be built.
 pub type Prepared = Result<Request<Full<Bytes>>, CallError>;
@@ -201,55 +203,26 @@ async fn read_answer(response: Response<Incoming>) -> Result<Answer, Failure> {
             "body of {n} bytes is over the bound of {MAX_BODY}"
         )));
     }
-    // Pingora's codec decodes every encoding its proxy does (gzip, deflate, br, zstd).
-    let mut decoder = ResponseCompressionCtx::new(0, true, false);
-    let encoding = headers.get(CONTENT_ENCODING).cloned();
-    let decoding = match encoding {
-        Some(encoding) => {
-            let mut header = ResponseHeader::build(status, Some(1))
-                .map_err(|e| Failure::BadBody(e.to_string()))?;
-            header
-                .insert_header(CONTENT_ENCODING, encoding)
-                .map_err(|e| Failure::BadBody(e.to_string()))?;
-            let decoding = decoder.will_decompress(&header);
-            if decoding {
-                decoder.response_header_filter(&mut header, false);
-            }
-            decoding
-        }
-        None => false,
-    };
+    let mut decoder = BodyDecoder::new(headers.get(CONTENT_ENCODING), MAX_BODY)
+        .map_err(|e| Failure::BadBody(e.to_string()))?;
     let mut body = response.into_body();
-    let mut raw = BytesMut::new();
-    loop {
-        let frame = body
-            .frame()
-            .await
-            .transpose()
-            .map_err(|e| Failure::Transport(format!("reading the body: {e}")))?;
-        let chunk = frame.and_then(|f| f.into_data().ok());
-        let end = body.is_end_stream() || chunk.is_none();
-        let data = if decoding {
-            decoder.response_body_filter(chunk.as_ref(), end)
-        } else {
-            chunk
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Failure::Transport(format!("reading the body: {e}")))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue;
         };
-        if let Some(data) = data {
-            raw.extend_from_slice(&data);
-        }
-        if raw.len() > MAX_BODY {
-            return Err(Failure::BadBody(format!(
-                "body is over the bound of {MAX_BODY} bytes"
-            )));
-        }
-        if end {
-            break;
+        for piece in chunk.chunks(DECODE_STEP) {
+            decoder
+                .push(piece)
+                .map_err(|e| Failure::BadBody(e.to_string()))?;
+            // Other requests on this worker thread get their turn between pieces.
+            tokio::task::consume_budget().await;
         }
     }
-    Ok(Answer {
-        status,
-        body: raw.freeze(),
-    })
+    let body = decoder
+        .finish()
+        .map_err(|e| Failure::BadBody(e.to_string()))?;
+    Ok(Answer { status, body })
 }
 
 fn is_json(content_type: Option<&HeaderValue>) -> bool {

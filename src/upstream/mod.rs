@@ -18,6 +18,7 @@
 mod breaker;
 mod client;
 pub mod credential;
+mod decode;
 mod retry;
 pub mod tls;
 

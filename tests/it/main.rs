@@ -15,6 +15,7 @@ mod hostile;
 mod inject;
 mod jwt;
 mod k8s;
+mod limits;
 mod lifecycle;
 mod passthrough;
 mod paths;
