@@ -24,6 +24,9 @@ pub fn bff_run(policy: &Path, listen: u16, admin: u16, log_level: &str) -> Comma
         .arg(policy)
         .args(["--listen", &format!("127.0.0.1:{listen}")])
         .args(["--admin", &format!("127.0.0.1:{admin}")])
+        // The footprint scenario holds 1,000 connections to measure what each costs; the
+        // default cap (512) is sized for the manifests' memory limit, not for this.
+        .args(["--max-connections", "2048"])
         .env("BFF_LOG", log_level)
         .stdout(Stdio::null());
     command
