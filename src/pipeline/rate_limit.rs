@@ -244,12 +244,7 @@ pub async fn too_many_failures(
         .auth_failures_total
         .with_label_values(&[ctx.policy.client.as_str(), "too_many_failures"])
         .inc();
-    let headers = [(
-        http::header::RETRY_AFTER,
-        HeaderValue::from(retry_after_seconds(wait)),
-    )];
-    respond::error(session, ctx, &ErrorCode::RateLimited.into(), &headers).await?;
-    Ok(true)
+    too_many(session, ctx, wait).await
 }
 
 /// Counts a refused credential against the client's address. A missing credential guesses
@@ -288,6 +283,15 @@ pub async fn refused(
         .rate_limited_total
         .with_label_values(&[ctx.policy.client.as_str(), &route.name])
         .inc();
+    too_many(session, ctx, wait).await
+}
+
+/// The 429 envelope, with the wait until a request is admitted again; `Ok(true)`: written.
+async fn too_many(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    wait: Duration,
+) -> pingora::Result<bool> {
     let headers = [(
         http::header::RETRY_AFTER,
         HeaderValue::from(retry_after_seconds(wait)),
