@@ -97,8 +97,13 @@ fn markdown_files(root: &Path) -> Vec<PathBuf> {
     while let Some(dir) = dirs.pop() {
         let entries = fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         for entry in entries {
-            let path = entry.unwrap_or_else(|e| panic!("{}: {e}", dir.display())).path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let path = entry
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if path.is_dir() {
                 if !SKIPPED_DIRS.contains(&name) {
                     dirs.push(path);
@@ -146,7 +151,11 @@ fn broken_links(root: &Path, files: &[PathBuf]) -> Vec<String> {
                 continue;
             };
             // GitHub shows a directory's README.md, so an anchor on a directory is into it.
-            let page = if on_disk.is_dir() { target.join("README.md") } else { target };
+            let page = if on_disk.is_dir() {
+                target.join("README.md")
+            } else {
+                target
+            };
             let slugs = slugs_of.entry(page.clone()).or_insert_with(|| {
                 if page.extension().is_some_and(|e| e == "md") && root.join(&page).is_file() {
                     heading_slugs(&read(&root.join(&page)))
@@ -155,7 +164,10 @@ fn broken_links(root: &Path, files: &[PathBuf]) -> Vec<String> {
                 }
             });
             if !slugs.iter().any(|s| s == anchor) {
-                broken.push(report(format!("no heading #{anchor} in {}", page.display())));
+                broken.push(report(format!(
+                    "no heading #{anchor} in {}",
+                    page.display()
+                )));
             }
         }
     }
