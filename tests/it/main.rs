@@ -9,6 +9,7 @@ mod cache_l2;
 mod check;
 mod claims;
 mod credentials;
+mod docs;
 mod fanout;
 mod harness_selftest;
 mod hostile;
