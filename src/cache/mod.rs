@@ -8,6 +8,8 @@ pub mod audit;
 pub mod entry;
 pub mod key;
 pub mod l2;
+pub mod nodes;
+pub mod target;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +22,8 @@ use rand::Rng;
 
 use crate::pipeline::fanout::RouteFailure;
 pub use entry::{Entry, Freshness};
-pub use l2::{BadRedisUrl, RedisTarget, L2};
+pub use l2::L2;
+pub use target::{BadRedisUrl, RedisTarget};
 
 /// The default bound of L1.
 pub const L1_BYTES: u64 = 64 << 20;
