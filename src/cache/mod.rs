@@ -1,8 +1,10 @@
 //! cache: the versioned cache of `fetch` routes' answers. L1 in process (moka, bounded by bytes),
 //! L2 in Redis (`l2`), keys that change with the policy's shape (`key`), entries that know
 //! their own age and recompute cost (`entry`), and one recompute per key at a time in this
-//! process (`Cache::flight`; across instances a Redis lock, see `pipeline::cache`). `audit` is
-//! `bff cache audit`, which reads the keys and entries L2 holds.
+//! process (`Cache::flight`; across instances a Redis lock, see `pipeline::cache`). `target` is
+//! the Redis `--redis` names; `nodes` walks each of its nodes directly (`SCAN`, batched
+//! `UNLINK`), for L2's prefix invalidation and for `audit`, which is `bff cache audit`: it reads
+//! the keys and entries L2 holds.
 
 pub mod audit;
 pub mod entry;

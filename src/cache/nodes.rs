@@ -17,9 +17,10 @@ use super::target::{BadRedisUrl, RedisTarget};
 pub const DELETE_BATCH: usize = 100;
 const CLUSTER_SLOTS: u16 = 16384;
 
-/// Why the audit could not run; every variant names the Redis it was talking to.
+/// Why a walk over the nodes (an audit, an invalidation) could not run; every variant names
+/// the Redis it was talking to.
 #[derive(Debug, thiserror::Error)]
-pub enum AuditError {
+pub enum NodeError {
     #[error(transparent)]
     BadUrl(#[from] BadRedisUrl),
     #[error("cannot reach Redis at {url}: {reason}")]
@@ -61,15 +62,15 @@ pub(super) async fn call<T>(
     command: &'static str,
     timeout: Duration,
     fut: impl Future<Output = redis::RedisResult<T>>,
-) -> Result<T, AuditError> {
+) -> Result<T, NodeError> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(source)) => Err(AuditError::Command {
+        Ok(Err(source)) => Err(NodeError::Command {
             node: node.to_string(),
             command,
             source,
         }),
-        Err(_) => Err(AuditError::Timeout {
+        Err(_) => Err(NodeError::Timeout {
             node: node.to_string(),
             command,
             timeout,
@@ -110,7 +111,7 @@ async fn connect(info: &ConnectionInfo, timeout: Duration) -> Result<Node, Strin
 pub(super) async fn discover(
     target: &RedisTarget,
     timeout: Duration,
-) -> Result<(bool, Vec<Node>), AuditError> {
+) -> Result<(bool, Vec<Node>), NodeError> {
     let mut failures = Vec::new();
     let mut seed = None;
     for info in &target.seeds {
@@ -123,7 +124,7 @@ pub(super) async fn discover(
         }
     }
     let Some((seed_info, mut seed)) = seed else {
-        return Err(AuditError::Unreachable {
+        return Err(NodeError::Unreachable {
             url: target.shown.clone(),
             reason: failures.join("; "),
         });
@@ -140,7 +141,7 @@ pub(super) async fn discover(
     let cluster_enabled = info.lines().any(|l| l.trim() == "cluster_enabled:1");
     if !cluster_enabled {
         if target.cluster {
-            return Err(AuditError::Cluster {
+            return Err(NodeError::Cluster {
                 url: target.shown.clone(),
                 reason: format!(
                     "{} is not a cluster node (cluster_enabled:0); use redis://",
@@ -159,7 +160,7 @@ pub(super) async fn discover(
             .query_async(&mut seed.conn),
     )
     .await?;
-    let masters = cluster_masters(&nodes).map_err(|reason| AuditError::Cluster {
+    let masters = cluster_masters(&nodes).map_err(|reason| NodeError::Cluster {
         url: target.shown.clone(),
         reason,
     })?;
@@ -181,7 +182,7 @@ pub(super) async fn discover(
             .set_addr(ConnectionAddr::Tcp(host, master.port));
         let node = connect(&info, timeout)
             .await
-            .map_err(|reason| AuditError::Unreachable {
+            .map_err(|reason| NodeError::Unreachable {
                 url: format!("{} (cluster master {})", target.shown, info.addr()),
                 reason,
             })?;
@@ -286,7 +287,7 @@ pub async fn unlink_prefix(
     target: &RedisTarget,
     prefix: &str,
     timeout: Duration,
-) -> Result<u64, AuditError> {
+) -> Result<u64, NodeError> {
     let (cluster, nodes) = discover(target, timeout).await?;
     let pattern = format!("{}*", escape_glob(prefix));
     let mut deleter = Deleter {
@@ -338,7 +339,7 @@ impl Deleter {
         node: &mut Node,
         key: Vec<u8>,
         timeout: Duration,
-    ) -> Result<(), AuditError> {
+    ) -> Result<(), NodeError> {
         if !self.enabled {
             return Ok(());
         }
@@ -355,7 +356,7 @@ impl Deleter {
         &mut self,
         node: &mut Node,
         timeout: Duration,
-    ) -> Result<(), AuditError> {
+    ) -> Result<(), NodeError> {
         if self.pending.is_empty() {
             return Ok(());
         }

@@ -17,11 +17,10 @@ mod tally;
 
 use std::time::Duration;
 
+use crate::cache::nodes::{discover, Deleter};
+pub use crate::cache::nodes::{Deleted, NodeError, DELETE_BATCH};
+use crate::cache::target::RedisTarget;
 use crate::policy::Policy;
-
-use super::nodes::{discover, Deleter};
-pub use super::nodes::{AuditError, Deleted, DELETE_BATCH};
-use super::target::RedisTarget;
 use classify::plan;
 pub use report::{ClientReport, Memory, PrefixRow, Report, RouteReport, Row, Totals};
 pub use scan::MAGIC;
@@ -42,7 +41,7 @@ pub async fn audit(
     target: &RedisTarget,
     policies: &[Policy],
     options: &AuditOptions,
-) -> Result<Report, AuditError> {
+) -> Result<Report, NodeError> {
     let (cluster, mut nodes) = discover(target, options.timeout).await?;
     let plans = plan(policies);
     let mut deleter = Deleter {

@@ -2,9 +2,9 @@
 
 use std::fmt::Write as _;
 
-use super::super::nodes::DELETE_BATCH;
 use super::report::{ClientReport, Memory, Report, Row};
 use super::tally::{MAX_ORPHAN_PREFIXES, MAX_UNKNOWN_ROUTES, MEMORY_SAMPLES};
+use crate::cache::nodes::DELETE_BATCH;
 
 impl Report {
     /// A table per client: one line per route and kind of key, then totals.

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::super::nodes::Deleted;
+use crate::cache::nodes::Deleted;
 
 /// The whole audit, as printed by `--json`.
 #[derive(Debug, Serialize)]

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use redis::Value;
 
-use super::super::nodes::{call, escape_glob, AuditError, Deleter, Node};
 use super::classify::{classify, split_key, ClientPlan, Kind};
 use super::tally::ClientTally;
+use crate::cache::nodes::{call, escape_glob, Deleter, Node, NodeError};
 
 /// The first line of every value the sidecar stores.
 pub const MAGIC: &[u8] = b"BFFC1\n";
@@ -31,7 +31,7 @@ pub(super) async fn scan_client(
     tally: &mut ClientTally,
     deleter: &mut Deleter,
     timeout: Duration,
-) -> Result<(), AuditError> {
+) -> Result<(), NodeError> {
     let pattern = scan_pattern(&plan.client);
     let client_prefix = format!("{}:", plan.client);
     let mut rng = rand::rng();
