@@ -1,13 +1,17 @@
 //! cache: the versioned cache of `fetch` routes' answers. L1 in process (moka, bounded by bytes),
 //! L2 in Redis (`l2`), keys that change with the policy's shape (`key`), entries that know
 //! their own age and recompute cost (`entry`), and one recompute per key at a time in this
-//! process (`Cache::flight`; across instances a Redis lock, see `pipeline::cache`). `audit` is
-//! `bff cache audit`, which reads the keys and entries L2 holds.
+//! process (`Cache::flight`; across instances a Redis lock, see `pipeline::cache`). `target` is
+//! the Redis `--redis` names; `nodes` walks each of its nodes directly (`SCAN`, batched
+//! `UNLINK`), for L2's prefix invalidation and for `audit`, which is `bff cache audit`: it reads
+//! the keys and entries L2 holds.
 
 pub mod audit;
 pub mod entry;
 pub mod key;
 pub mod l2;
+pub mod nodes;
+pub mod target;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +24,8 @@ use rand::Rng;
 
 use crate::pipeline::fanout::RouteFailure;
 pub use entry::{Entry, Freshness};
-pub use l2::{BadRedisUrl, RedisTarget, L2};
+pub use l2::L2;
+pub use target::{BadRedisUrl, RedisTarget};
 
 /// The default bound of L1.
 pub const L1_BYTES: u64 = 64 << 20;
