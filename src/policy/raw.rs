@@ -226,6 +226,7 @@ pub struct RawBreaker {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCredential {
+    /// The header it is sent in, e.g. `Authorization`.
     #[schemars(with = "Text")]
     pub header: Spanned<String>,
     /// May use `${env:NAME}` and `${file:PATH}` (a file is re-read when it changes).
@@ -303,8 +304,10 @@ pub struct RawRoute {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
+    /// Requests allowed per `per`.
     #[schemars(with = "u32")]
     pub requests: Spanned<u32>,
+    /// The period `requests` are counted over.
     #[schemars(with = "Humane")]
     pub per: Spanned<Humane>,
     /// Defaults to `requests`.
@@ -316,7 +319,9 @@ pub struct RawRateLimit {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCache {
+    /// `user`: one entry per identity; `shared`: one for everyone.
     pub scope: CacheScope,
+    /// How long an entry is fresh.
     #[schemars(with = "Humane")]
     pub ttl: Spanned<Humane>,
     /// Each entry's TTL is moved by up to ± this at random, so entries expire apart.
@@ -352,13 +357,16 @@ pub enum CacheScope {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCriticalFailure {
+    /// The HTTP status answered.
     #[schemars(with = "u16")]
     pub status: Spanned<u16>,
     /// The error envelope's machine-readable code.
     #[schemars(with = "Text")]
     pub code: Spanned<String>,
+    /// The error envelope's message for people.
     #[schemars(with = "Text")]
     pub message: String,
+    /// Tells the client it may try again; default false.
     #[serde(default)]
     pub retryable: bool,
 }
@@ -386,6 +394,7 @@ pub struct RawFetch {
     /// What an optional fetch degrades to when it fails.
     #[schemars(with = "Option<serde_json::Value>")]
     pub fallback: Option<Spanned<serde_json::Value>>,
+    /// Caches this fetch's projected answer for every request (shared, impersonal data only).
     #[schemars(with = "Option<RawFetchCache>")]
     pub cache: Option<Spanned<RawFetchCache>>,
 }
@@ -394,8 +403,10 @@ pub struct RawFetch {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawFetchCache {
+    /// How long the answer is kept.
     #[schemars(with = "Humane")]
     pub ttl: Spanned<Humane>,
+    /// Each entry's TTL is moved by up to ± this at random.
     pub jitter: Option<Humane>,
 }
 
