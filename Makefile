@@ -1,7 +1,8 @@
 # bff: `make demo` runs the sidecar on built-in mocks, `make test` runs every test.
 # Both install what a fresh Debian machine lacks (cmake for Pingora's zlib-ng, redis-server
 # for the cache tests, kubectl, promtool and kubernetes-validate for deploy/k8s, nginx with its
-# echo module, wrk and valgrind for the load benchmark) with apt-get and pip, only when missing.
+# echo module, wrk and valgrind for the load benchmark, check-jsonschema for the policy schema)
+# with apt-get and pip, only when missing.
 
 CARGO ?= cargo
 APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
@@ -11,6 +12,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # to install into the system or --user site)
 KV_VERSION = 1.31.0
 KV_VENV = $(HOME)/.cache/bff/kubernetes-validate-$(KV_VERSION)
+# tests/it/schema.rs validates the example policies against policies/bff-policy.schema.json
+# with check-jsonschema from here (the same kind of venv)
+CJ_VERSION = 0.39.0
+CJ_VENV = $(HOME)/.cache/bff/check-jsonschema-$(CJ_VERSION)
 
 .PHONY: demo test check lint bench build-deps test-deps load-deps k8s-check
 
@@ -71,3 +76,8 @@ test-deps: load-deps
 	  python3 -m venv $(KV_VENV) 2>/dev/null || { \
 	    $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) python3-venv && python3 -m venv $(KV_VENV); }; \
 	  $(KV_VENV)/bin/pip install -q kubernetes-validate==$(KV_VERSION); }
+	@[ "$$($(CJ_VENV)/bin/check-jsonschema --version 2>/dev/null)" = "check-jsonschema, version $(CJ_VERSION)" ] || { \
+	  echo "installing check-jsonschema==$(CJ_VERSION) into $(CJ_VENV)"; \
+	  python3 -m venv $(CJ_VENV) 2>/dev/null || { \
+	    $(SUDO) apt-get update -qq && $(SUDO) $(APT_INSTALL) python3-venv && python3 -m venv $(CJ_VENV); }; \
+	  $(CJ_VENV)/bin/pip install -q check-jsonschema==$(CJ_VERSION); }

@@ -1,6 +1,6 @@
-//! The `bff` command line: `run` the sidecar, `check` policies, `demo` on built-in mocks,
-//! `cache audit` the cache keys in Redis, `inject` the sidecar into Kubernetes manifests,
-//! serve the sidecar-injecting admission `webhook`.
+//! The `bff` command line: `run` the sidecar, `check` policies (and print their `schema`),
+//! `demo` on built-in mocks, `cache audit` the cache keys in Redis, `inject` the sidecar into
+//! Kubernetes manifests, serve the sidecar-injecting admission `webhook`.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
@@ -36,6 +36,8 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print the JSON Schema of policy files, for editors (`bff check` stays the authority).
+    Schema,
     /// Inspect the response cache.
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -269,6 +271,16 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
+        Command::Schema => match serde_json::to_string_pretty(&bff::policy::raw::json_schema()) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bff schema: cannot write the schema as JSON: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Cache(CacheCommand::Audit(args)) => cache_audit(args),
         Command::Demo {
             policy,

@@ -291,7 +291,7 @@ fn design_example_without_its_secret_names_the_variable_and_the_credential_line(
         .position(|l| l.contains("${env:USER_SVC_TOKEN}"))
         .expect("the example has the credential")
         + 1;
-    assert_eq!(line, 16, "the design's example changed; update this test");
+    assert_eq!(line, 17, "the design's example changed; update this test");
     let mut cmd = bff_check();
     cmd.arg(policy.path()).env_remove("USER_SVC_TOKEN");
     let (code, stdout, stderr) = run(cmd);
@@ -300,7 +300,7 @@ fn design_example_without_its_secret_names_the_variable_and_the_credential_line(
     let diags = diagnostics(policy.path(), &stderr);
     assert_eq!(diags.len(), 1, "{stderr}");
     // Column 49 is the credential's `value` string.
-    assert_eq!((diags[0].line, diags[0].col), (16, 49), "{stderr}");
+    assert_eq!((diags[0].line, diags[0].col), (17, 49), "{stderr}");
     assert!(diags[0].message.contains("USER_SVC_TOKEN"), "{stderr}");
     assert!(diags[0].message.contains("not set"), "{stderr}");
 }

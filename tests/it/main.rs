@@ -23,6 +23,7 @@ mod paths;
 mod proxy_route;
 mod rate_limit;
 mod redis_harness;
+mod schema;
 mod support;
 mod tls;
 mod webhook;
