@@ -25,8 +25,8 @@ use super::rate_limit::Identity;
 use crate::cache::entry::now_ms;
 use crate::cache::{jittered, key, Cache, Entry, Failed, Freshness, Layer, L2};
 use crate::metrics::Metrics;
+use crate::pipeline::{Active, Claims, RequestCtx, Shared};
 use crate::policy::{Action, CachePolicy, CacheScope, Route, Var};
-use crate::proxy::{Active, Claims, RequestCtx, Shared};
 use crate::upstream::Caller;
 
 /// How long a recompute holds its key's lock when the route has no `deadline`.

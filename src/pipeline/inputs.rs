@@ -6,8 +6,8 @@ use std::borrow::Cow;
 use serde_json::Value;
 
 use crate::envelope::ErrorCode;
+use crate::pipeline::{Claims, RequestCtx};
 use crate::policy::{RenderError, Template, Upstream, Var};
-use crate::proxy::{Claims, RequestCtx};
 
 /// What one request offers its templates.
 pub struct Inputs<'a> {

@@ -7,9 +7,12 @@
 //! names the identity they count (the limit on failed authentications is asked just before
 //! auth, by client address).
 
+mod active;
+mod ctx;
+mod shared;
+
 pub mod edge;
 pub mod path;
-pub mod route;
 pub mod auth;
 pub mod rate_limit;
 pub mod inputs;
@@ -20,7 +23,10 @@ pub mod proxy_route;
 pub mod respond;
 pub mod observe;
 
+pub use active::Active;
+pub use ctx::{Claims, RequestCtx};
 pub use inputs::claim_value;
+pub use shared::Shared;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,13 +36,12 @@ use pingora::proxy::Session;
 
 use crate::cache::{Entry, Failed};
 use crate::envelope::{Envelope, ErrorCode};
+use crate::policy::route_table::Lookup;
 use crate::policy::{Action, Fetch, Route};
-use crate::proxy::{RequestCtx, Shared};
 use crate::upstream::Failure;
 use auth::{Principal, Refusal};
 use fanout::RouteFailure;
 use inputs::Inputs;
-use route::Lookup;
 
 /// Runs the pipeline from routing on. `Ok(true)`: the response is written; `Ok(false)`: the
 /// request falls through to the app, proxied by Pingora.

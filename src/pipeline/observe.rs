@@ -5,7 +5,7 @@ use pingora::proxy::Session;
 use tracing::info;
 
 use crate::metrics::Metrics;
-use crate::proxy::RequestCtx;
+use crate::pipeline::RequestCtx;
 
 pub fn finish(
     session: &Session,

@@ -10,8 +10,8 @@ use tracing::warn;
 use super::inputs::{self, Inputs};
 use super::respond;
 use crate::envelope::{Envelope, ErrorCode};
+use crate::pipeline::{RequestCtx, Shared};
 use crate::policy::{ProxyTarget, Route};
-use crate::proxy::{RequestCtx, Shared};
 use crate::upstream::{Call, CallError, Caller, Upstreams};
 
 /// Largest request body a `proxy` route forwards.

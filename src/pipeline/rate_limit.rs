@@ -20,8 +20,8 @@ use pingora::proxy::Session;
 use super::auth::{AuthFailure, Refusal};
 use super::respond;
 use crate::envelope::ErrorCode;
+use crate::pipeline::{RequestCtx, Shared};
 use crate::policy::{Policy, RateLimit, RouteAuth};
-use crate::proxy::{RequestCtx, Shared};
 
 /// Who a request counts against, at rate limits and circuit breakers. The variants keep a
 /// `sub` that looks like an address apart from that address.

@@ -8,7 +8,7 @@ use pingora::proxy::Session;
 
 use super::edge::TRACE_HEADER;
 use crate::envelope::Envelope;
-use crate::proxy::RequestCtx;
+use crate::pipeline::RequestCtx;
 
 pub async fn json(
     session: &mut Session,

@@ -14,6 +14,7 @@ use rustls::pki_types::ServerName;
 use serde_saphyr::{Location, Spanned};
 
 use super::raw::{self, RawPolicy};
+use super::route_table::RouteTable;
 use super::secrets;
 use super::template::{Template, Var};
 use super::{
@@ -22,7 +23,6 @@ use super::{
     ProxyTarget, RateLimit, RetryPolicy, Route, RouteAuth, SecretText, TlsPolicy, Upstream,
 };
 use crate::pipeline::auth::ApiKeySet;
-use crate::pipeline::route::RouteTable;
 use crate::projection::{self, FieldMask};
 use crate::upstream::tls::{CaBundle, ClientIdentity, IdentityError};
 

@@ -4,6 +4,7 @@
 mod compile;
 pub mod files;
 pub mod raw;
+pub mod route_table;
 pub mod secrets;
 pub mod template;
 
@@ -16,10 +17,10 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method, Uri};
 use indexmap::IndexMap;
 
-use crate::pipeline::route::RouteTable;
 use crate::projection::FieldMask;
 use crate::upstream::tls::{CaBundle, ClientIdentity};
 pub use raw::{Algorithm, CacheScope, RouteAuth};
+use route_table::RouteTable;
 pub use template::{RenderError, Template, Var};
 
 /// Largest policy file read: it is read again every second to see whether it changed.

@@ -37,8 +37,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::AuthFailure;
+use crate::pipeline::Claims;
 use crate::policy::{self, JwtAuth, KeySource};
-use crate::proxy::Claims;
 use crate::upstream::error_chain;
 
 /// A token longer than this is refused before any parsing.

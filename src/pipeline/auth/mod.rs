@@ -16,8 +16,8 @@ use http::{HeaderMap, HeaderValue};
 pub use api_key::{ApiKeyError, ApiKeySet, ApiKeys};
 pub use jwt::{KeyLoadError, Verifier};
 
+use crate::pipeline::{Active, Claims};
 use crate::policy::{Route, RouteAuth};
-use crate::proxy::{Active, Claims};
 
 /// Who the request is, by the credential it presented.
 #[derive(Debug, Clone, PartialEq)]
