@@ -23,6 +23,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod policy;
+pub mod caller;
 pub mod listener;
 pub mod proxy;
 pub mod pipeline;

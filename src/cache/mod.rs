@@ -8,6 +8,7 @@ pub mod audit;
 pub mod entry;
 pub mod key;
 pub mod l2;
+mod sections;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,12 +19,22 @@ use futures::future::{BoxFuture, Shared};
 use futures::FutureExt;
 use rand::Rng;
 
-use crate::pipeline::fanout::RouteFailure;
+use crate::upstream::CallError;
 pub use entry::{Entry, Freshness};
 pub use l2::{BadRedisUrl, RedisTarget, L2};
+pub use sections::{Section, Sections};
 
 /// The default bound of L1.
 pub const L1_BYTES: u64 = 64 << 20;
+
+/// Why a route gets no answer.
+#[derive(Debug, Clone)]
+pub enum RouteFailure {
+    /// A critical fetch failed.
+    Critical { fetch: String, error: CallError },
+    /// The route's deadline passed with a critical fetch unfinished.
+    Deadline,
+}
 
 /// Why a shared recompute produced no entry.
 #[derive(Debug, Clone)]

@@ -7,10 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Active;
+use crate::caller::Claims;
 use crate::policy::{Route, Upstream};
-
-/// A verified token's payload.
-pub type Claims = serde_json::Map<String, serde_json::Value>;
 
 pub struct RequestCtx {
     pub started: Instant,

@@ -24,8 +24,7 @@ pub mod respond;
 pub mod observe;
 
 pub use active::Active;
-pub use ctx::{Claims, RequestCtx};
-pub use inputs::claim_value;
+pub use ctx::RequestCtx;
 pub use shared::Shared;
 
 use std::sync::Arc;
@@ -34,13 +33,12 @@ use std::time::Duration;
 use http::HeaderValue;
 use pingora::proxy::Session;
 
-use crate::cache::{Entry, Failed};
+use crate::cache::{Entry, Failed, RouteFailure};
 use crate::envelope::{Envelope, ErrorCode};
 use crate::policy::route_table::Lookup;
 use crate::policy::{Action, Fetch, Route};
 use crate::upstream::Failure;
 use auth::{Principal, Refusal};
-use fanout::RouteFailure;
 use inputs::Inputs;
 
 /// Runs the pipeline from routing on. `Ok(true)`: the response is written; `Ok(false)`: the

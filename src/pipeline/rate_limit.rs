@@ -6,7 +6,6 @@
 //! being guessed.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -19,23 +18,10 @@ use pingora::proxy::Session;
 
 use super::auth::{AuthFailure, Refusal};
 use super::respond;
+use crate::caller::Identity;
 use crate::envelope::ErrorCode;
 use crate::pipeline::{RequestCtx, Shared};
 use crate::policy::{Policy, RateLimit, RouteAuth};
-
-/// Who a request counts against, at rate limits and circuit breakers. The variants keep a
-/// `sub` that looks like an address apart from that address.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Identity {
-    /// The verified token's `sub` claim: a string, or a number as written.
-    Subject(String),
-    /// The name of the verified API key (`{auth.client}`).
-    ApiClient(Arc<str>),
-    /// Neither: the client's IP address (IPv6: its /64, see [`address_key`]).
-    Address(IpAddr),
-    /// Neither, and no IP address (not a TCP client): such clients share one budget.
-    Unknown,
-}
 
 /// The identity a request is limited as: the verified token's `sub` (a string or a number, as
 /// cache keys take it), else the API key's name, else the client's address.
@@ -43,7 +29,7 @@ pub fn identity(ctx: &RequestCtx) -> Identity {
     let subject = ctx
         .claims
         .as_deref()
-        .and_then(|claims| super::claim_value(claims, "sub"))
+        .and_then(|claims| crate::caller::claim_value(claims, "sub"))
         .filter(|sub| !sub.is_empty());
     if let Some(sub) = subject {
         return Identity::Subject(sub.into_owned());
@@ -52,25 +38,6 @@ pub fn identity(ctx: &RequestCtx) -> Identity {
         return Identity::ApiClient(name.clone());
     }
     Identity::of_address(ctx.client_address)
-}
-
-impl Identity {
-    fn of_address(address: Option<IpAddr>) -> Identity {
-        match address {
-            Some(ip) => Identity::Address(address_key(ip)),
-            None => Identity::Unknown,
-        }
-    }
-}
-
-/// IPv4 addresses (also when mapped into IPv6) count one by one; IPv6 addresses by their /64,
-/// because one host usually holds a whole /64 and could otherwise take a fresh budget, and a
-/// fresh bucket in memory, for every request.
-fn address_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)))),
-        v4 => v4,
-    }
 }
 
 /// One `rate_limit`: a bucket per identity.
@@ -433,15 +400,5 @@ mod tests {
             0,
             "full again: forgotten"
         );
-    }
-
-    #[test]
-    fn ipv6_clients_count_by_their_64_and_mapped_ipv4_as_ipv4() {
-        let key = |text: &str| address_key(text.parse().unwrap());
-        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
-        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2::"));
-        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
-        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
-        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
     }
 }

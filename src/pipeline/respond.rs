@@ -6,7 +6,7 @@ use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
-use super::edge::TRACE_HEADER;
+use crate::caller::TRACE_HEADER;
 use crate::envelope::Envelope;
 use crate::pipeline::RequestCtx;
 

@@ -81,7 +81,7 @@ impl ProxyHttp for Bff {
     ) -> pingora::Result<()> {
         // The app receives the request unchanged but for `X-Trace-Id`: the trace id the request
         // is logged under, which replaces a client's malformed one.
-        request.insert_header(edge::TRACE_HEADER, ctx.trace_id.as_str())
+        request.insert_header(crate::caller::TRACE_HEADER, ctx.trace_id.as_str())
     }
 
     async fn response_filter(
@@ -90,7 +90,7 @@ impl ProxyHttp for Bff {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        response.insert_header(edge::TRACE_HEADER, ctx.trace_id.as_str())
+        response.insert_header(crate::caller::TRACE_HEADER, ctx.trace_id.as_str())
     }
 
     async fn fail_to_proxy(

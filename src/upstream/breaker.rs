@@ -28,7 +28,7 @@ use prometheus::IntGauge;
 use tower::{Layer, Service};
 
 use super::{Answer, CallError, Failure, Outbound};
-use crate::pipeline::rate_limit::Identity;
+use crate::caller::Identity;
 use crate::policy::BreakerPolicy;
 
 /// Most identities whose failed answers are told apart in one count; beyond them so many

@@ -37,10 +37,9 @@ use tracing::warn;
 
 pub use client::BFF_CLIENT_HEADER;
 
+use crate::caller::{Claims, Identity};
 use crate::envelope::ErrorCode;
 use crate::metrics::{Metrics, Outcome};
-use crate::pipeline::rate_limit::Identity;
-use crate::pipeline::Claims;
 use crate::policy::{Policy, Upstream};
 use breaker::{Breaker, BreakerLayer, Health};
 use credential::MachineCredential;

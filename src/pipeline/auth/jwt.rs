@@ -37,7 +37,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::AuthFailure;
-use crate::pipeline::Claims;
+use crate::caller::Claims;
 use crate::policy::{self, JwtAuth, KeySource};
 use crate::upstream::error_chain;
 

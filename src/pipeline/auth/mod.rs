@@ -16,7 +16,8 @@ use http::{HeaderMap, HeaderValue};
 pub use api_key::{ApiKeyError, ApiKeySet, ApiKeys};
 pub use jwt::{KeyLoadError, Verifier};
 
-use crate::pipeline::{Active, Claims};
+use crate::caller::Claims;
+use crate::pipeline::Active;
 use crate::policy::{Route, RouteAuth};
 
 /// Who the request is, by the credential it presented.
