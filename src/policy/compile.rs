@@ -13,18 +13,18 @@ use indexmap::IndexMap;
 use rustls::pki_types::ServerName;
 use serde_saphyr::{Location, Spanned};
 
+use super::api_keys::ApiKeySet;
 use super::raw::{self, RawPolicy};
 use super::route_table::RouteTable;
 use super::secrets;
 use super::template::{Template, Var};
+use super::tls_files::{CaBundle, ClientIdentity, IdentityError};
 use super::{
     Action, ApiKeyAuth, Auth, BreakerPolicy, CachePolicy, ClientAddress, Credential,
     CriticalFailure, Diagnostic, Fetch, FetchCache, JwtAuth, KeySource, OAuth2Client, Policy,
     ProxyTarget, RateLimit, RetryPolicy, Route, RouteAuth, SecretText, TlsPolicy, Upstream,
 };
-use crate::pipeline::auth::ApiKeySet;
 use crate::projection::{self, FieldMask};
-use crate::upstream::tls::{CaBundle, ClientIdentity, IdentityError};
 
 /// Looks an upstream up by name, reporting an undefined one.
 type FindUpstream<'a> = &'a dyn Fn(&mut Diagnostics, &Spanned<String>) -> Option<Arc<Upstream>>;
@@ -511,7 +511,7 @@ fn compile_credential(
     // The same test as when the file is read again (it also marks the value sensitive).
     let value = diags.check(
         &spec.value.referenced,
-        crate::upstream::credential::header_value(source.resolved.clone())
+        secrets::header_value(source.resolved.clone())
             .map_err(|_| "credential value is not a valid header value".to_string()),
     )?;
     Some(Credential {

@@ -1,12 +1,14 @@
 //! The policy a sidecar runs on: loaded from YAML (`raw`), validated and compiled (`compile`)
 //! into the immutable `Policy` below, which the proxy swaps atomically on reload.
 
+pub mod api_keys;
 mod compile;
 pub mod files;
 pub mod raw;
 pub mod route_table;
 pub mod secrets;
 pub mod template;
+pub mod tls_files;
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -18,10 +20,10 @@ use http::{HeaderName, HeaderValue, Method, Uri};
 use indexmap::IndexMap;
 
 use crate::projection::FieldMask;
-use crate::upstream::tls::{CaBundle, ClientIdentity};
 pub use raw::{Algorithm, CacheScope, RouteAuth};
 use route_table::RouteTable;
 pub use template::{RenderError, Template, Var};
+use tls_files::{CaBundle, ClientIdentity};
 
 /// Largest policy file read: it is read again every second to see whether it changed.
 pub const MAX_POLICY_FILE: u64 = 16 << 20;
@@ -97,7 +99,7 @@ pub struct ApiKeyAuth {
     pub header: HeaderName,
     pub keys_file: PathBuf,
     /// The keys as the loader read them; the sidecar re-reads the file when it changes.
-    pub keys: crate::pipeline::auth::ApiKeySet,
+    pub keys: api_keys::ApiKeySet,
 }
 
 #[derive(Debug, PartialEq)]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue};
 
-pub use api_key::{ApiKeyError, ApiKeySet, ApiKeys};
+pub use api_key::ApiKeys;
 pub use jwt::{KeyLoadError, Verifier};
 
 use crate::caller::Claims;
