@@ -18,8 +18,11 @@ use futures::FutureExt;
 use http::HeaderValue;
 use rand::Rng;
 
+use super::active::Active;
+use super::ctx::RequestCtx;
 use super::fanout;
 use super::inputs::Inputs;
+use super::shared::Shared;
 use crate::cache::entry::now_ms;
 use crate::cache::{
     jittered, key, Cache, Entry, Failed, Freshness, Layer, RouteFailure, Sections, L2,
@@ -27,7 +30,6 @@ use crate::cache::{
 use crate::caller::Claims;
 use crate::caller::Identity;
 use crate::metrics::Metrics;
-use crate::pipeline::{Active, RequestCtx, Shared};
 use crate::policy::{Action, CachePolicy, CacheScope, Route, Var};
 use crate::upstream::Caller;
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::Active;
+use super::active::Active;
 use crate::caller::Claims;
 use crate::policy::{Route, Upstream};
 

@@ -5,9 +5,9 @@ use std::borrow::Cow;
 
 use serde_json::Value;
 
+use super::ctx::RequestCtx;
 use crate::caller::{claim_value, scalar, Claims};
 use crate::envelope::ErrorCode;
-use crate::pipeline::RequestCtx;
 use crate::policy::{RenderError, Template, Upstream, Var};
 
 /// What one request offers its templates.

@@ -81,13 +81,15 @@ pub async fn handle(
             if rate_limit::too_many_failures(session, ctx, shared).await? {
                 return Ok(true);
             }
-            match auth::authenticate(&policy, &route, &session.req_header().headers).await {
+            match auth::authenticate(policy.auth_methods(), &route, &session.req_header().headers)
+                .await
+            {
                 Ok(Principal::Anonymous) => {}
                 Ok(Principal::Token(claims)) => ctx.claims = Some(claims),
                 Ok(Principal::ApiKey(name)) => ctx.api_client = Some(name),
                 Err(refusal) => {
                     rate_limit::failed(ctx, &refusal);
-                    refuse(session, ctx, shared, &refusal).await?;
+                    respond::refusal(session, ctx, shared, &refusal).await?;
                     return Ok(true);
                 }
             }
@@ -181,7 +183,13 @@ async fn serve_fetches(
     {
         Ok(()) => {}
         Err(ErrorCode::Unauthenticated) => {
-            return refuse(session, ctx, shared, &Refusal::missing(&ctx.policy)).await
+            return respond::refusal(
+                session,
+                ctx,
+                shared,
+                &Refusal::missing(ctx.policy.auth_methods()),
+            )
+            .await
         }
         Err(code) => return respond::error(session, ctx, &code.into(), &[]).await,
     }
@@ -257,30 +265,4 @@ fn names_etag(value: &HeaderValue, etag: &str) -> bool {
     text.split(',')
         .map(str::trim)
         .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
-}
-
-/// 401 or 403 with the challenges RFC 6750 asks for; the reason goes to the metric, not to
-/// the client, whose message tells no more than the status does.
-pub(crate) async fn refuse(
-    session: &mut Session,
-    ctx: &RequestCtx,
-    shared: &Shared,
-    refusal: &Refusal,
-) -> pingora::Result<()> {
-    shared
-        .metrics
-        .auth_failures_total
-        .with_label_values(&[ctx.policy.client.as_str(), refusal.reason()])
-        .inc();
-    let (code, challenges) = match refusal {
-        Refusal::Unauthenticated { challenges, .. } => {
-            (ErrorCode::Unauthenticated, challenges.clone())
-        }
-        Refusal::Forbidden { challenge } => (ErrorCode::Forbidden, vec![challenge.clone()]),
-    };
-    let headers: Vec<_> = challenges
-        .into_iter()
-        .map(|c| (http::header::WWW_AUTHENTICATE, c))
-        .collect();
-    respond::error(session, ctx, &code.into(), &headers).await
 }

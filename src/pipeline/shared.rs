@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use super::active::Active;
 use super::auth::KeyLoadError;
-use super::Active;
 use crate::cache::Cache;
 use crate::metrics::Metrics;
 use crate::policy::Policy;

@@ -17,7 +17,6 @@ pub use api_key::ApiKeys;
 pub use jwt::{KeyLoadError, Verifier};
 
 use crate::caller::Claims;
-use crate::pipeline::Active;
 use crate::policy::{Route, RouteAuth};
 
 /// Who the request is, by the credential it presented.
@@ -94,12 +93,12 @@ impl Refusal {
     }
 
     /// No credential, where the route needs one: the challenge of every accepted method.
-    pub fn missing(active: &Active) -> Refusal {
+    pub fn missing(methods: Methods<'_>) -> Refusal {
         let mut challenges = Vec::new();
-        if active.verifier.is_some() {
+        if methods.verifier.is_some() {
             challenges.push(HeaderValue::from_static("Bearer"));
         }
-        if let Some(keys) = &active.api_keys {
+        if let Some(keys) = methods.api_keys {
             challenges.push(api_key_challenge(keys, None));
         }
         Refusal::Unauthenticated {
@@ -109,18 +108,26 @@ impl Refusal {
     }
 }
 
+/// The credentials a policy accepts, in the order they are looked for (see `Active::auth_methods`).
+#[derive(Clone, Copy)]
+pub struct Methods<'a> {
+    pub verifier: Option<&'a Verifier>,
+    pub api_keys: Option<&'a ApiKeys>,
+    pub api_key_first: bool,
+}
+
 /// Checks the request's credential against the route's `auth` and `scopes`.
 pub async fn authenticate(
-    active: &Active,
+    methods: Methods<'_>,
     route: &Route,
     headers: &HeaderMap,
 ) -> Result<Principal, Refusal> {
     if route.auth == RouteAuth::None {
         return Ok(Principal::Anonymous);
     }
-    let principal = presented(active, headers).await?;
+    let principal = presented(methods, headers).await?;
     if principal == Principal::Anonymous && route.auth == RouteAuth::Required {
-        return Err(Refusal::missing(active));
+        return Err(Refusal::missing(methods));
     }
     if !route.scopes.is_empty() {
         let granted = match &principal {
@@ -144,9 +151,9 @@ pub async fn authenticate(
 }
 
 /// The first credential the request presents, in the policy's order, verified.
-async fn presented(active: &Active, headers: &HeaderMap) -> Result<Principal, Refusal> {
+async fn presented(methods: Methods<'_>, headers: &HeaderMap) -> Result<Principal, Refusal> {
     let by_token = async {
-        let Some(verifier) = &active.verifier else {
+        let Some(verifier) = methods.verifier else {
             return Ok(None);
         };
         match verifier.verify(headers).await {
@@ -158,7 +165,7 @@ async fn presented(active: &Active, headers: &HeaderMap) -> Result<Principal, Re
         }
     };
     let by_key = || {
-        let Some(keys) = &active.api_keys else {
+        let Some(keys) = methods.api_keys else {
             return Ok(None);
         };
         match keys.check(headers) {
@@ -169,8 +176,7 @@ async fn presented(active: &Active, headers: &HeaderMap) -> Result<Principal, Re
             }),
         }
     };
-    let api_key_first = active.auth.as_ref().is_some_and(|a| a.api_key_first);
-    let found = if api_key_first {
+    let found = if methods.api_key_first {
         match by_key()? {
             Some(principal) => Some(principal),
             None => by_token.await?,

@@ -1,9 +1,6 @@
-//! Rate limits per client identity: the policy's `rate_limit`, one budget shared by every matched
-//! route, and a route's own `rate_limit` on top of it. Each is a GCRA bucket per identity
-//! (governor): the token's `sub`, the API key's name, or the client's address. A request over
-//! either limit is answered `RATE_LIMITED` 429 with `Retry-After`. Also the limit on failed
-//! authentications per client address (`auth.failure_limit`), which keeps credentials from
-//! being guessed.
+//! The buckets of the rate limits, built once per policy: a GCRA bucket per identity for the
+//! policy's and each route's `rate_limit` (governor), and the failed authentications per client
+//! address. Buckets of a limit that did not change survive a reload.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -13,32 +10,9 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
-use http::HeaderValue;
-use pingora::proxy::Session;
 
-use super::auth::{AuthFailure, Refusal};
-use super::respond;
 use crate::caller::Identity;
-use crate::envelope::ErrorCode;
-use crate::pipeline::{RequestCtx, Shared};
-use crate::policy::{Policy, RateLimit, RouteAuth};
-
-/// The identity a request is limited as: the verified token's `sub` (a string or a number, as
-/// cache keys take it), else the API key's name, else the client's address.
-pub fn identity(ctx: &RequestCtx) -> Identity {
-    let subject = ctx
-        .claims
-        .as_deref()
-        .and_then(|claims| crate::caller::claim_value(claims, "sub"))
-        .filter(|sub| !sub.is_empty());
-    if let Some(sub) = subject {
-        return Identity::Subject(sub.into_owned());
-    }
-    if let Some(name) = &ctx.api_client {
-        return Identity::ApiClient(name.clone());
-    }
-    Identity::of_address(ctx.client_address)
-}
+use crate::policy::{Policy, RateLimit};
 
 /// One `rate_limit`: a bucket per identity.
 pub struct Limiter<C: Clock = DefaultClock> {
@@ -85,7 +59,7 @@ impl<C: Clock> Limiter<C> {
 pub struct RateLimits {
     policy: Option<Arc<Limiter>>,
     routes: HashMap<String, Arc<Limiter>>,
-    failed_auths: Option<Arc<FailedAuths>>,
+    pub(super) failed_auths: Option<Arc<FailedAuths>>,
 }
 
 /// Failed authentications per client address, a GCRA bucket each. Once an address has spent
@@ -107,7 +81,7 @@ impl FailedAuths {
     }
 
     /// How long `address` has to wait for its next failure, when it has none left.
-    fn refused(&self, address: &Identity, now: Instant) -> Option<Duration> {
+    pub(super) fn refused(&self, address: &Identity, now: Instant) -> Option<Duration> {
         let full_at = self.full_at.read().unwrap_or_else(PoisonError::into_inner);
         let until_full = full_at.get(address)?.checked_duration_since(now)?;
         // One more failure fits while the bucket is at most `burst - 1` intervals from full.
@@ -116,7 +90,7 @@ impl FailedAuths {
     }
 
     /// Spends one failure of `address`'s budget (`refused` said it had one).
-    fn failed(&self, address: &Identity, now: Instant) {
+    pub(super) fn failed(&self, address: &Identity, now: Instant) {
         let mut full_at = self.full_at.write().unwrap_or_else(PoisonError::into_inner);
         let at = full_at.entry(address.clone()).or_insert(now);
         *at = (*at).max(now) + self.limit.interval();
@@ -163,7 +137,7 @@ impl RateLimits {
         }
     }
 
-    fn limits(&self, route: &str) -> impl Iterator<Item = &Arc<Limiter>> {
+    pub(super) fn limits(&self, route: &str) -> impl Iterator<Item = &Arc<Limiter>> {
         self.policy.iter().chain(self.routes.get(route))
     }
 
@@ -171,7 +145,7 @@ impl RateLimits {
     /// refused it has one again. The policy's limit is asked first: a request it refuses leaves
     /// the route's bucket alone, and one the route's limit refuses has still spent from the
     /// policy's (governor cannot give a request back).
-    fn check(&self, route: &str, who: &Identity) -> Result<(), Duration> {
+    pub(super) fn check(&self, route: &str, who: &Identity) -> Result<(), Duration> {
         self.limits(route)
             .try_for_each(|limiter| limiter.check(who))
     }
@@ -187,89 +161,6 @@ impl RateLimits {
     }
 }
 
-/// Answers 429 when the request's client address has had too many credentials refused and
-/// the route would look at its credential. Runs before authentication; `Ok(true)`: the
-/// response is written.
-pub async fn too_many_failures(
-    session: &mut Session,
-    ctx: &RequestCtx,
-    shared: &Shared,
-) -> pingora::Result<bool> {
-    let (Some(route), Some(failed_auths)) = (&ctx.route, &ctx.policy.rate_limits.failed_auths)
-    else {
-        return Ok(false);
-    };
-    if route.auth == RouteAuth::None {
-        return Ok(false);
-    }
-    let address = Identity::of_address(ctx.client_address);
-    let Some(wait) = failed_auths.refused(&address, Instant::now()) else {
-        return Ok(false);
-    };
-    shared
-        .metrics
-        .auth_failures_total
-        .with_label_values(&[ctx.policy.client.as_str(), "too_many_failures"])
-        .inc();
-    let headers = [(
-        http::header::RETRY_AFTER,
-        HeaderValue::from(retry_after_seconds(wait)),
-    )];
-    respond::error(session, ctx, &ErrorCode::RateLimited.into(), &headers).await?;
-    Ok(true)
-}
-
-/// Counts a refused credential against the client's address. A missing credential guesses
-/// nothing, and a valid one without the route's scopes (403) guessed right: neither counts.
-pub fn failed(ctx: &RequestCtx, refusal: &Refusal) {
-    let Some(failed_auths) = &ctx.policy.rate_limits.failed_auths else {
-        return;
-    };
-    if let Refusal::Unauthenticated { failure, .. } = refusal {
-        if *failure != AuthFailure::Missing {
-            let address = Identity::of_address(ctx.client_address);
-            failed_auths.failed(&address, Instant::now());
-        }
-    }
-}
-
-/// Answers 429 when the request is over its identity's budget. Runs once the token is
-/// verified, so the identity is known; `Ok(true)`: the response is written.
-pub async fn refused(
-    session: &mut Session,
-    ctx: &RequestCtx,
-    shared: &Shared,
-) -> pingora::Result<bool> {
-    let Some(route) = &ctx.route else {
-        return Ok(false);
-    };
-    let limits = &ctx.policy.rate_limits;
-    if limits.limits(&route.name).next().is_none() {
-        return Ok(false);
-    }
-    let Err(wait) = limits.check(&route.name, &identity(ctx)) else {
-        return Ok(false);
-    };
-    shared
-        .metrics
-        .rate_limited_total
-        .with_label_values(&[ctx.policy.client.as_str(), &route.name])
-        .inc();
-    let headers = [(
-        http::header::RETRY_AFTER,
-        HeaderValue::from(retry_after_seconds(wait)),
-    )];
-    respond::error(session, ctx, &ErrorCode::RateLimited.into(), &headers).await?;
-    Ok(true)
-}
-
-/// `Retry-After` counts whole seconds: rounded up, so a client that waits as told finds a
-/// request back, and at least 1, since 0 would invite an immediate retry.
-fn retry_after_seconds(wait: Duration) -> u64 {
-    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    seconds.max(1)
-}
-
 #[cfg(test)]
 mod tests {
     use std::num::NonZeroU32;
@@ -277,6 +168,8 @@ mod tests {
     use governor::clock::FakeRelativeClock;
 
     use super::*;
+    // The waits as `Retry-After` states them.
+    use crate::pipeline::rate_limit::retry_after_seconds;
 
     fn limit(requests: u32, per: Duration, burst: u32) -> RateLimit {
         RateLimit {
@@ -288,21 +181,6 @@ mod tests {
 
     fn subject(sub: &str) -> Identity {
         Identity::Subject(sub.to_string())
-    }
-
-    #[test]
-    fn retry_after_rounds_up_to_whole_seconds_and_is_never_zero() {
-        let cases = [
-            (Duration::ZERO, 1),
-            (Duration::from_nanos(1), 1),
-            (Duration::from_millis(999), 1),
-            (Duration::from_secs(1), 1),
-            (Duration::from_millis(1001), 2),
-            (Duration::from_secs(3600), 3600),
-        ];
-        for (wait, seconds) in cases {
-            assert_eq!(retry_after_seconds(wait), seconds, "{wait:?}");
-        }
     }
 
     #[test]
