@@ -1,5 +1,7 @@
-//! cache: the versioned cache of `fetch` routes' answers. L1 in process (moka, bounded by bytes),
-//! L2 in Redis (`l2`), keys that change with the policy's shape (`key`), entries that know
+//! cache: the versioned cache of `fetch` routes' answers (their `sections`, and why a route has
+//! none: `RouteFailure`). It knows nothing of requests or Pingora: the pipeline hands it keys
+//! and computations. L1 in process (moka, bounded by bytes), L2 in Redis (`l2`), keys that
+//! change with the policy's shape (`key`), entries that know
 //! their own age and recompute cost (`entry`), and one recompute per key at a time in this
 //! process (`Cache::flight`; across instances a Redis lock, see `pipeline::cache`). `audit` is
 //! `bff cache audit`, which reads the keys and entries L2 holds.

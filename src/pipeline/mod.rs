@@ -1,4 +1,10 @@
-//! The request pipeline, one stage per module, in the order a request meets them:
+//! The request pipeline: the stages, and the request context they share. It owns `RequestCtx`
+//! (`ctx`: what one request carries), `Shared` (`shared`: the state of every request, the admin
+//! port and the background jobs) and `Active` (`active`: a policy put to work, with the
+//! verifier, API keys, rate-limit buckets and upstream clients that serve it). Below it are
+//! `cache`, `upstream` and `policy`; above it only `proxy`, which calls [`handle`].
+//!
+//! One stage per module, in the order a request meets them:
 //! edge (trace id, loop check) → path (normalised, or refused) → route → auth (credential,
 //! route's `auth` and `scopes`) → rate_limit → inputs → cache (cached routes) → fanout (calls,
 //! each answer projected) → assemble → respond → observe;

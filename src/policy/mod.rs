@@ -1,5 +1,8 @@
-//! The policy a sidecar runs on: loaded from YAML (`raw`), validated and compiled (`compile`)
-//! into the immutable `Policy` below, which the proxy swaps atomically on reload.
+//! The policy a sidecar runs on (the bottom layer, the contract): loaded from YAML (`raw`),
+//! validated and compiled (`compile`) into the immutable `Policy` below, which the pipeline
+//! swaps atomically on reload. It owns what the compiled policy holds: the route table
+//! (`route_table`), the API keys file (`api_keys`), the TLS files (`tls_files`), secrets
+//! (`secrets`, `files`) and templates (`template`). It imports only `projection`.
 
 pub mod api_keys;
 mod compile;

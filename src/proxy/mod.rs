@@ -1,4 +1,6 @@
-//! The Pingora `ProxyHttp` implementation: each phase delegates to one pipeline stage.
+//! The Pingora adapter: the `ProxyHttp` implementation, in which each phase delegates to one
+//! pipeline stage. It holds no state and no logic of its own; the request context is
+//! `pipeline::RequestCtx`.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;

@@ -1,5 +1,7 @@
 //! Reaching internal services: one client stack per upstream, built once per policy and
 //! shared by every route, and the peer of the app that unmatched requests fall through to.
+//! It knows nothing of requests or Pingora's proxy: who is calling comes as a `Caller`
+//! (see `crate::caller`).
 //!
 //! A call goes down the stack in this order (`UpstreamClient::new` builds it; the first three
 //! are applied by `UpstreamClient::call`, above the tower stack):

@@ -128,7 +128,7 @@ impl Verifier {
         }
     }
 
-    /// Loads the key set (see [`Keys::load`]); a failed load keeps the previous keys. A
+    /// Loads the key set (see `keys::Keys::load`); a failed load keeps the previous keys. A
     /// changed set forgets every remembered token.
     pub async fn load_keys(&self) -> Result<(), KeyLoadError> {
         if self.keys.load().await? {
