@@ -20,9 +20,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
+use super::call::{error_chain, Answer, CallError, Failure, Outbound, IDLE_TIMEOUT, MAX_BODY};
 use super::decode::BodyDecoder;
 use super::tls::{self, UpstreamTls};
-use super::{error_chain, Answer, CallError, Failure, Outbound, IDLE_TIMEOUT, MAX_BODY};
 use crate::caller::TRACE_HEADER;
 use crate::policy::{Upstream, Var};
 

@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tracing::{info, warn};
 
-use super::{error_chain, FileFailures, IDLE_TIMEOUT};
+use super::call::{error_chain, FileFailures, IDLE_TIMEOUT};
 use crate::policy::secrets::{header_value, SecretError};
 use crate::policy::{OAuth2Client, SecretText, Upstream};
 

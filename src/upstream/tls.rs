@@ -26,7 +26,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, NamedGroup, RootCertStore, SignatureScheme};
 use tracing::{error, info, warn};
 
-use super::FileFailures;
+use super::call::FileFailures;
 use crate::policy::files;
 use crate::policy::tls_files::{parse_ca, parse_identity, provider, IdentityError, MAX_FILE};
 use crate::policy::TlsPolicy;
