@@ -10,7 +10,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName};
 
-use super::AuthFailure;
+use super::failure::AuthFailure;
 use crate::policy::api_keys::{ApiKeySet, MAX_FILE_BYTES};
 use crate::policy::files::{self, ReadError};
 use crate::policy::ApiKeyAuth;

@@ -23,7 +23,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::super::AuthFailure;
+use super::super::failure::AuthFailure;
 use crate::policy::KeySource;
 use crate::upstream::error_chain;
 

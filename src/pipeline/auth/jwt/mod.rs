@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 pub use keys::KeyLoadError;
 use keys::Keys;
 
-use super::AuthFailure;
+use super::failure::AuthFailure;
 use crate::caller::Claims;
 use crate::policy::{self, JwtAuth};
 

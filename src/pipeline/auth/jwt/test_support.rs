@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderValue};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use super::super::AuthFailure;
+use super::super::failure::AuthFailure;
 use super::Verifier;
 use crate::caller::Claims;
 use crate::policy::{Algorithm as P, JwtAuth, KeySource};
