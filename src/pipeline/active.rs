@@ -5,7 +5,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use super::auth::{ApiKeys, Methods, Verifier};
-use super::rate_limit::buckets::RateLimits;
+use super::limiters::RateLimits;
 use crate::metrics::Metrics;
 use crate::policy::{JwtAuth, Policy};
 use crate::upstream::{AppPeer, Upstreams};

@@ -21,6 +21,7 @@ pub mod edge;
 pub mod path;
 pub mod auth;
 pub mod rate_limit;
+pub mod limiters;
 pub mod inputs;
 pub mod cache;
 pub mod fanout;

@@ -5,8 +5,6 @@
 //! authentications per client address (`auth.failure_limit`), which keeps credentials from
 //! being guessed.
 
-pub mod buckets;
-
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
@@ -115,7 +113,7 @@ pub async fn refused(
 
 /// `Retry-After` counts whole seconds: rounded up, so a client that waits as told finds a
 /// request back, and at least 1, since 0 would invite an immediate retry.
-fn retry_after_seconds(wait: Duration) -> u64 {
+pub(super) fn retry_after_seconds(wait: Duration) -> u64 {
     let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     seconds.max(1)
 }

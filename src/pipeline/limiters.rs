@@ -1,6 +1,7 @@
-//! The buckets of the rate limits, built once per policy: a GCRA bucket per identity for the
-//! policy's and each route's `rate_limit` (governor), and the failed authentications per client
-//! address. Buckets of a limit that did not change survive a reload.
+//! The rate limiters a policy puts to work, built once per policy, held by `Active` and asked
+//! by the `rate_limit` stage: a GCRA bucket per identity for the policy's and each route's
+//! `rate_limit` (governor), and the failed authentications per client address. Buckets of a
+//! limit that did not change survive a reload.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
