@@ -11,14 +11,15 @@
 //! adapter    proxy       Pingora's ProxyHttp: one delegation per phase, nothing else
 //! stages     pipeline    the stages below, and what a request carries through them:
 //!                        RequestCtx, Shared (state of every request), Active (a policy put to
-//!                        work: its clients, verifier, API keys, rate-limit buckets)
+//!                        work: its clients, verifier, API keys, rate limiters)
 //! services   cache       answers of `fetch` routes: L1, L2 (Redis), keys, entries, sections
 //!            upstream    one client stack per internal service: credential, breaker, retry, TLS
 //! request    caller      who a request is, as `upstream` sees it: claims, identity, trace header
 //! contract   envelope    the error body every client sees
 //!            policy      the loaded, compiled policy, with what it holds: route table, API key
 //!                        set, TLS files, secrets
-//!            projection  field masks     metrics   the Prometheus families
+//!            metrics     the Prometheus families
+//!            projection  field masks
 //! ```
 //!
 //! `cache` and `upstream` know nothing of requests or of Pingora. A request flows through these
