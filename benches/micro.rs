@@ -15,8 +15,8 @@ use std::time::Duration;
 use std::borrow::Cow;
 
 use bff::cache::entry::now_ms;
+use bff::cache::Sections;
 use bff::cache::{key, Entry};
-use bff::pipeline::assemble::Sections;
 use bff::policy::CacheScope;
 use bff::projection::FieldMask;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

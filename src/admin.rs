@@ -20,8 +20,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::{error, warn};
 
+use crate::pipeline::Shared;
 use crate::policy::{Action, Policy, RouteAuth};
-use crate::proxy::Shared;
 
 /// A client that sends no complete request head in this time is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);

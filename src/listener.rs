@@ -267,7 +267,7 @@ async fn answer_too_large(mut stream: Stream, mut head: BytesMut) {
         "HTTP/1.1 {} Request Header Fields Too Large\r\ncontent-type: application/json\r\n\
          cache-control: no-store\r\n{}: {trace_id}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         envelope.status,
-        edge::TRACE_HEADER,
+        crate::caller::TRACE_HEADER,
         body.len()
     );
     debug!(%trace_id, "request head over its bound: 431");

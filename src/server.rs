@@ -20,9 +20,10 @@ use crate::cache::{RedisTarget, L2};
 use crate::listener::{ClientLimits, GuardedListener};
 use crate::metrics::ReloadResult;
 use crate::pipeline::auth::Verifier;
+use crate::pipeline::Shared;
 use crate::policy::files::{self, ReadError};
 use crate::policy::{Policy, MAX_POLICY_FILE};
-use crate::proxy::{Bff, Shared};
+use crate::proxy::Bff;
 
 /// Bytes a client connection's writes are gathered in before a syscall. Pingora's default
 /// (1460, one segment) sends a response head and a body of a few KiB, such as an aggregated

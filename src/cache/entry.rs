@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::pipeline::assemble::Sections;
+use super::sections::Sections;
 
 const MAGIC: &[u8] = b"BFFC1\n";
 

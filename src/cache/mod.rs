@@ -1,5 +1,7 @@
-//! cache: the versioned cache of `fetch` routes' answers. L1 in process (moka, bounded by bytes),
-//! L2 in Redis (`l2`), keys that change with the policy's shape (`key`), entries that know
+//! cache: the versioned cache of `fetch` routes' answers (their `sections`, and why a route has
+//! none: `RouteFailure`). It knows nothing of requests or Pingora: the pipeline hands it keys
+//! and computations. L1 in process (moka, bounded by bytes), L2 in Redis (`l2`), keys that
+//! change with the policy's shape (`key`), entries that know
 //! their own age and recompute cost (`entry`), and one recompute per key at a time in this
 //! process (`Cache::flight`; across instances a Redis lock, see `pipeline::cache`). `target` is
 //! the Redis `--redis` names; `nodes` walks each of its nodes directly (`SCAN`, batched
@@ -12,6 +14,7 @@ pub mod key;
 pub mod l2;
 pub mod nodes;
 pub mod target;
+mod sections;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,13 +25,23 @@ use futures::future::{BoxFuture, Shared};
 use futures::FutureExt;
 use rand::Rng;
 
-use crate::pipeline::fanout::RouteFailure;
+use crate::upstream::CallError;
 pub use entry::{Entry, Freshness};
 pub use l2::L2;
+pub use sections::{Section, Sections};
 pub use target::{BadRedisUrl, RedisTarget};
 
 /// The default bound of L1.
 pub const L1_BYTES: u64 = 64 << 20;
+
+/// Why a route gets no answer.
+#[derive(Debug, Clone)]
+pub enum RouteFailure {
+    /// A critical fetch failed.
+    Critical { fetch: String, error: CallError },
+    /// The route's deadline passed with a critical fetch unfinished.
+    Deadline,
+}
 
 /// Why a shared recompute produced no entry.
 #[derive(Debug, Clone)]

@@ -273,7 +273,7 @@ mod tests {
                 header: "X-Api-Key".into()
             }
         );
-        let keys = crate::pipeline::auth::ApiKeySet::read(&dir.join("partner-keys.txt")).unwrap();
+        let keys = crate::policy::api_keys::ApiKeySet::read(&dir.join("partner-keys.txt")).unwrap();
         assert_eq!(keys.find(DEMO_API_KEY.as_bytes()).as_deref(), Some("demo"));
     }
 

@@ -7,8 +7,8 @@ use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue};
 use serde::Serialize;
 
-use super::fanout::Section;
-use crate::policy::{Fetch, Route};
+use crate::cache::Sections;
+use crate::policy::Route;
 
 /// `X-BFF-Degraded`: the sections served from their fallback.
 pub const DEGRADED_HEADER: &str = "x-bff-degraded";
@@ -22,48 +22,6 @@ struct Meta<'a> {
     degraded: bool,
     degraded_sections: &'a [&'a str],
     cache: &'a str,
-}
-
-/// The sections, in the route's fetch order, as the members of one JSON object without its
-/// braces: `"user":{…},"recentOrders":[…]`. Apart from `meta`, so it can be stored as is.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sections {
-    pub json: Bytes,
-    /// Names of the fetches that failed and hold their fallback.
-    pub degraded: Vec<String>,
-}
-
-impl Sections {
-    pub fn new(fetches: &[Fetch], sections: Vec<Section>) -> Sections {
-        let mut json = Vec::new();
-        let mut degraded = Vec::new();
-        for (fetch, section) in fetches.iter().zip(sections) {
-            if !json.is_empty() {
-                json.push(b',');
-            }
-            // Fetch names are checked by the loader (`[A-Za-z0-9_]`), so they need no escaping.
-            json.push(b'"');
-            json.extend_from_slice(fetch.name.as_bytes());
-            json.extend_from_slice(b"\":");
-            match section {
-                Section::Ok(bytes) => json.extend_from_slice(&bytes),
-                Section::Degraded => {
-                    degraded.push(fetch.name.clone());
-                    let fallback = fetch.fallback.as_ref().unwrap_or(&serde_json::Value::Null);
-                    // Serialising a `Value` into a Vec cannot fail.
-                    let _ = serde_json::to_writer(&mut json, fallback);
-                }
-            }
-        }
-        Sections {
-            json: Bytes::from(json),
-            degraded,
-        }
-    }
-
-    pub fn is_degraded(&self) -> bool {
-        !self.degraded.is_empty()
-    }
 }
 
 /// The whole body: `{"meta":{…},<sections>}`.
@@ -111,7 +69,8 @@ pub fn headers(route: &Route, sections: &Sections) -> Vec<(HeaderName, HeaderVal
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Policy;
+    use crate::cache::Section;
+    use crate::policy::{Fetch, Policy};
     use serde_json::{json, Value};
 
     fn route() -> Policy {

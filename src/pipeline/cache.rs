@@ -18,15 +18,19 @@ use futures::FutureExt;
 use http::HeaderValue;
 use rand::Rng;
 
-use super::assemble::Sections;
-use super::fanout::{self, RouteFailure};
+use super::active::Active;
+use super::ctx::RequestCtx;
+use super::fanout;
 use super::inputs::Inputs;
-use super::rate_limit::Identity;
+use super::shared::Shared;
 use crate::cache::entry::now_ms;
-use crate::cache::{jittered, key, Cache, Entry, Failed, Freshness, Layer, L2};
+use crate::cache::{
+    jittered, key, Cache, Entry, Failed, Freshness, Layer, RouteFailure, Sections, L2,
+};
+use crate::caller::Claims;
+use crate::caller::Identity;
 use crate::metrics::Metrics;
 use crate::policy::{Action, CachePolicy, CacheScope, Route, Var};
-use crate::proxy::{Active, Claims, RequestCtx, Shared};
 use crate::upstream::Caller;
 
 /// How long a recompute holds its key's lock when the route has no `deadline`.
@@ -120,7 +124,7 @@ impl Work {
         let identity = self
             .claims
             .as_deref()
-            .and_then(|c| super::claim_value(c, "sub"))
+            .and_then(|c| crate::caller::claim_value(c, "sub"))
             .or_else(|| self.api_client.as_deref().map(Cow::Borrowed));
         // In a per-user key the identity comes first; `{jwt.sub}` and `{auth.client}` are it.
         let is_identity = |v: &&Var| {

@@ -8,10 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use http::{HeaderMap, HeaderValue};
 use rand::Rng;
 
+use crate::caller::TRACE_HEADER;
 use crate::policy::ClientAddress;
 use crate::upstream::BFF_CLIENT_HEADER;
-
-pub const TRACE_HEADER: &str = "x-trace-id";
 
 /// Every call to an upstream carries `X-BFF-Client`; a client request carrying it came from a
 /// BFF, and one BFF must never become another's dependency by accident.

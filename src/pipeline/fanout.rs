@@ -13,31 +13,13 @@ use http::{HeaderMap, Method};
 use serde_json::Value;
 use tracing::warn;
 
-use super::assemble::Sections;
 use super::inputs::Inputs;
 use crate::cache::entry::now_ms;
-use crate::cache::{jittered, key, Cache, Entry, Layer};
+use crate::cache::{jittered, key, Cache, Entry, Layer, RouteFailure, Section, Sections};
 use crate::metrics::{Metrics, Outcome};
 use crate::policy::{CacheScope, Fetch, Route, Var};
 use crate::projection;
 use crate::upstream::{Call, CallError, Caller, Failure, Upstreams};
-
-/// How one fetch ended.
-pub enum Section {
-    /// The projected section, serialised.
-    Ok(Vec<u8>),
-    /// Failed (optional): the section holds the fallback.
-    Degraded,
-}
-
-/// Why a route gets no answer.
-#[derive(Debug, Clone)]
-pub enum RouteFailure {
-    /// A critical fetch failed.
-    Critical { fetch: String, error: CallError },
-    /// The route's deadline passed with a critical fetch unfinished.
-    Deadline,
-}
 
 /// Per request: what the fetches need besides their own policy.
 pub struct Request<'a> {

@@ -5,9 +5,10 @@ use std::borrow::Cow;
 
 use serde_json::Value;
 
+use super::ctx::RequestCtx;
+use crate::caller::{claim_value, scalar, Claims};
 use crate::envelope::ErrorCode;
 use crate::policy::{RenderError, Template, Upstream, Var};
-use crate::proxy::{Claims, RequestCtx};
 
 /// What one request offers its templates.
 pub struct Inputs<'a> {
@@ -87,19 +88,6 @@ pub fn code_for(error: &RenderError) -> ErrorCode {
         // No verified identity: the route cannot be personalised.
         RenderError::Missing(Var::Jwt(_) | Var::AuthClient) => ErrorCode::Unauthenticated,
         RenderError::Missing(_) | RenderError::NotASegment(_) => ErrorCode::BadRequest,
-    }
-}
-
-/// A claim as a template value: strings and numbers only, so no structure leaks into a URL.
-pub fn claim_value<'a>(claims: &'a Claims, name: &str) -> Option<Cow<'a, str>> {
-    claims.get(name).and_then(scalar)
-}
-
-fn scalar(value: &Value) -> Option<Cow<'_, str>> {
-    match value {
-        Value::String(s) => Some(Cow::Borrowed(s.as_str())),
-        Value::Number(n) => Some(Cow::Owned(n.to_string())),
-        _ => None,
     }
 }
 

@@ -1,4 +1,10 @@
-//! The request pipeline, one stage per module, in the order a request meets them:
+//! The request pipeline: the stages, and the request context they share. It owns `RequestCtx`
+//! (`ctx`: what one request carries), `Shared` (`shared`: the state of every request, the admin
+//! port and the background jobs) and `Active` (`active`: a policy put to work, with the
+//! verifier, API keys, rate-limit buckets and upstream clients that serve it). Below it are
+//! `cache`, `upstream` and `policy`; above it only `proxy`, which calls [`handle`].
+//!
+//! One stage per module, in the order a request meets them:
 //! edge (trace id, loop check) → path (normalised, or refused) → route → auth (credential,
 //! route's `auth` and `scopes`) → rate_limit → inputs → cache (cached routes) → fanout (calls,
 //! each answer projected) → assemble → respond → observe;
@@ -7,11 +13,15 @@
 //! names the identity they count (the limit on failed authentications is asked just before
 //! auth, by client address).
 
+mod active;
+mod ctx;
+mod shared;
+
 pub mod edge;
 pub mod path;
-pub mod route;
 pub mod auth;
 pub mod rate_limit;
+pub mod limiters;
 pub mod inputs;
 pub mod cache;
 pub mod fanout;
@@ -20,7 +30,9 @@ pub mod proxy_route;
 pub mod respond;
 pub mod observe;
 
-pub use inputs::claim_value;
+pub use active::Active;
+pub use ctx::RequestCtx;
+pub use shared::Shared;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,15 +40,13 @@ use std::time::Duration;
 use http::HeaderValue;
 use pingora::proxy::Session;
 
-use crate::cache::{Entry, Failed};
+use crate::cache::{Entry, Failed, RouteFailure};
 use crate::envelope::{Envelope, ErrorCode};
+use crate::policy::route_table::Lookup;
 use crate::policy::{Action, Fetch, Route};
-use crate::proxy::{RequestCtx, Shared};
 use crate::upstream::Failure;
 use auth::{Principal, Refusal};
-use fanout::RouteFailure;
 use inputs::Inputs;
-use route::Lookup;
 
 /// Runs the pipeline from routing on. `Ok(true)`: the response is written; `Ok(false)`: the
 /// request falls through to the app, proxied by Pingora.
@@ -78,13 +88,15 @@ pub async fn handle(
             if rate_limit::too_many_failures(session, ctx, shared).await? {
                 return Ok(true);
             }
-            match auth::authenticate(&policy, &route, &session.req_header().headers).await {
+            match auth::authenticate(policy.auth_methods(), &route, &session.req_header().headers)
+                .await
+            {
                 Ok(Principal::Anonymous) => {}
                 Ok(Principal::Token(claims)) => ctx.claims = Some(claims),
                 Ok(Principal::ApiKey(name)) => ctx.api_client = Some(name),
                 Err(refusal) => {
                     rate_limit::failed(ctx, &refusal);
-                    refuse(session, ctx, shared, &refusal).await?;
+                    respond::refusal(session, ctx, shared, &refusal).await?;
                     return Ok(true);
                 }
             }
@@ -178,7 +190,13 @@ async fn serve_fetches(
     {
         Ok(()) => {}
         Err(ErrorCode::Unauthenticated) => {
-            return refuse(session, ctx, shared, &Refusal::missing(&ctx.policy)).await
+            return respond::refusal(
+                session,
+                ctx,
+                shared,
+                &Refusal::missing(ctx.policy.auth_methods()),
+            )
+            .await
         }
         Err(code) => return respond::error(session, ctx, &code.into(), &[]).await,
     }
@@ -254,30 +272,4 @@ fn names_etag(value: &HeaderValue, etag: &str) -> bool {
     text.split(',')
         .map(str::trim)
         .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
-}
-
-/// 401 or 403 with the challenges RFC 6750 asks for; the reason goes to the metric, not to
-/// the client, whose message tells no more than the status does.
-pub(crate) async fn refuse(
-    session: &mut Session,
-    ctx: &RequestCtx,
-    shared: &Shared,
-    refusal: &Refusal,
-) -> pingora::Result<()> {
-    shared
-        .metrics
-        .auth_failures_total
-        .with_label_values(&[ctx.policy.client.as_str(), refusal.reason()])
-        .inc();
-    let (code, challenges) = match refusal {
-        Refusal::Unauthenticated { challenges, .. } => {
-            (ErrorCode::Unauthenticated, challenges.clone())
-        }
-        Refusal::Forbidden { challenge } => (ErrorCode::Forbidden, vec![challenge.clone()]),
-    };
-    let headers: Vec<_> = challenges
-        .into_iter()
-        .map(|c| (http::header::WWW_AUTHENTICATE, c))
-        .collect();
-    respond::error(session, ctx, &code.into(), &headers).await
 }

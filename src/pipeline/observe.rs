@@ -4,8 +4,8 @@
 use pingora::proxy::Session;
 use tracing::info;
 
+use super::ctx::RequestCtx;
 use crate::metrics::Metrics;
-use crate::proxy::RequestCtx;
 
 pub fn finish(
     session: &Session,

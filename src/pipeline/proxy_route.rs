@@ -7,11 +7,13 @@ use http::{HeaderMap, StatusCode};
 use pingora::proxy::Session;
 use tracing::warn;
 
+use super::auth::Refusal;
+use super::ctx::RequestCtx;
 use super::inputs::{self, Inputs};
 use super::respond;
+use super::shared::Shared;
 use crate::envelope::{Envelope, ErrorCode};
 use crate::policy::{ProxyTarget, Route};
-use crate::proxy::{RequestCtx, Shared};
 use crate::upstream::{Call, CallError, Caller, Upstreams};
 
 /// Largest request body a `proxy` route forwards.
@@ -39,7 +41,13 @@ pub async fn serve(
     match call(session, ctx, &policy.upstreams, route, target).await {
         Ok((status, body)) => respond::json(session, ctx, status, &route.headers, body).await,
         Err(Failure::Client(ErrorCode::Unauthenticated)) => {
-            super::refuse(session, ctx, shared, &super::Refusal::missing(&ctx.policy)).await
+            respond::refusal(
+                session,
+                ctx,
+                shared,
+                &Refusal::missing(ctx.policy.auth_methods()),
+            )
+            .await
         }
         Err(Failure::Client(code)) => respond::error(session, ctx, &code.into(), &[]).await,
         Err(Failure::Upstream(e)) => {

@@ -6,9 +6,11 @@ use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
-use super::edge::TRACE_HEADER;
-use crate::envelope::Envelope;
-use crate::proxy::RequestCtx;
+use super::auth::Refusal;
+use super::ctx::RequestCtx;
+use super::shared::Shared;
+use crate::caller::TRACE_HEADER;
+use crate::envelope::{Envelope, ErrorCode};
 
 pub async fn json(
     session: &mut Session,
@@ -67,4 +69,30 @@ pub async fn error(
         envelope.body(&ctx.trace_id),
     )
     .await
+}
+
+/// 401 or 403 with the challenges RFC 6750 asks for; the reason goes to the metric, not to
+/// the client, whose message tells no more than the status does.
+pub async fn refusal(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    shared: &Shared,
+    refusal: &Refusal,
+) -> pingora::Result<()> {
+    shared
+        .metrics
+        .auth_failures_total
+        .with_label_values(&[ctx.policy.client.as_str(), refusal.reason()])
+        .inc();
+    let (code, challenges) = match refusal {
+        Refusal::Unauthenticated { challenges, .. } => {
+            (ErrorCode::Unauthenticated, challenges.clone())
+        }
+        Refusal::Forbidden { challenge } => (ErrorCode::Forbidden, vec![challenge.clone()]),
+    };
+    let headers: Vec<_> = challenges
+        .into_iter()
+        .map(|c| (http::header::WWW_AUTHENTICATE, c))
+        .collect();
+    error(session, ctx, &code.into(), &headers).await
 }

@@ -1,13 +1,19 @@
-//! The policy a sidecar runs on: loaded from YAML (`raw`), validated and compiled (`compile`)
-//! into the immutable `Policy` below, which the proxy swaps atomically on reload. `load` reads a
-//! policy file and runs the two, reporting every problem as `file:line:col: message`.
+//! The policy a sidecar runs on (the bottom layer, the contract): loaded from YAML (`raw`),
+//! validated and compiled (`compile`) into the immutable `Policy` below, which the pipeline
+//! swaps atomically on reload. It owns what the compiled policy holds: the route table
+//! (`route_table`), the API keys file (`api_keys`), the TLS files (`tls_files`), secrets
+//! (`secrets`, `files`) and templates (`template`). `load` reads a policy file and runs the
+//! two, reporting every problem as `file:line:col: message`. It imports only `projection`.
 
+pub mod api_keys;
 mod compile;
 pub mod files;
 pub mod load;
 pub mod raw;
+pub mod route_table;
 pub mod secrets;
 pub mod template;
+pub mod tls_files;
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -18,11 +24,11 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method, Uri};
 use indexmap::IndexMap;
 
-use crate::pipeline::route::RouteTable;
 use crate::projection::FieldMask;
-use crate::upstream::tls::{CaBundle, ClientIdentity};
 pub use raw::{Algorithm, CacheScope, RouteAuth};
+use route_table::RouteTable;
 pub use template::{RenderError, Template, Var};
+use tls_files::{CaBundle, ClientIdentity};
 
 /// Largest policy file read: it is read again every second to see whether it changed.
 pub const MAX_POLICY_FILE: u64 = 16 << 20;
@@ -98,7 +104,7 @@ pub struct ApiKeyAuth {
     pub header: HeaderName,
     pub keys_file: PathBuf,
     /// The keys as the loader read them; the sidecar re-reads the file when it changes.
-    pub keys: crate::pipeline::auth::ApiKeySet,
+    pub keys: api_keys::ApiKeySet,
 }
 
 #[derive(Debug, PartialEq)]

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use http::HeaderValue;
+
 use super::files;
 
 /// Largest `${file:}` secret. A credential or a client secret is a few hundred bytes; a larger
@@ -119,6 +121,22 @@ fn read_file(full: &Path, written: &str, mode: Mode) -> Result<String, SecretErr
         return Err(fail("invalid", "is empty".into()));
     }
     Ok(text)
+}
+
+/// A credential header's value (the message names no part of it): printable ASCII, spaces
+/// and tabs only. `HeaderValue` would also take bytes above 127, which servers read in
+/// different ways or refuse.
+pub fn header_value(text: String) -> Result<HeaderValue, String> {
+    let printable = text
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+    let value = HeaderValue::from_str(&text).ok().filter(|_| printable);
+    let mut value = value.ok_or_else(|| {
+        "the value read is not a valid header value (printable ASCII only: no control characters or newlines)"
+            .to_string()
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -46,15 +46,16 @@
 //!   array (`a[].b` and `a.c`), are rejected at compile time, naming both specs.
 
 mod project;
+mod spec;
 #[cfg(test)]
 mod tests;
 
-use std::fmt::Write as _;
-
-use indexmap::IndexMap;
 use serde_json::Value;
 
 use project::Plan;
+pub use project::ProjectError;
+pub use spec::validate_select;
+use spec::{FieldSpec, Node};
 
 /// A `fields` entry that does not parse or that clashes with an earlier entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,65 +66,11 @@ pub struct FieldSpecError {
     pub message: String,
 }
 
-/// Why a response body could not be projected.
-#[derive(Debug, thiserror::Error)]
-pub enum ProjectError {
-    #[error("response body is not valid JSON: {0}")]
-    InvalidJson(#[from] serde_json::Error),
-    #[error("response body is neither a JSON object nor a JSON array")]
-    NotAnObjectOrArray,
-    /// The `select` path leads nowhere: a step is missing or is not an object.
-    #[error("answer has no `{0}` to select")]
-    NothingToSelect(String),
-}
-
 /// A compiled, immutable field whitelist.
 #[derive(Debug, Clone)]
 pub struct FieldMask {
     specs: Vec<FieldSpec>,
     plan: Plan,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Segment {
-    name: String,
-    array: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FieldSpec {
-    path: Vec<Segment>,
-    alias: Option<String>,
-}
-
-/// Output members of one object level, keyed by output name, in fields-list order; compiled
-/// into a [`Plan`] once all specs are in.
-#[derive(Debug, Default)]
-struct Node {
-    members: IndexMap<String, Member>,
-}
-
-#[derive(Debug)]
-struct Member {
-    /// Index of the spec that created this member, to name it in conflict errors.
-    owner: usize,
-    kind: MemberKind,
-}
-
-#[derive(Debug)]
-enum MemberKind {
-    /// Read from the member of the same name; `next: None` marks a leaf.
-    Path { array: bool, next: Option<Node> },
-    /// Only at the top level: read from `path`, starting at the document root.
-    Alias(Vec<Segment>),
-}
-
-/// Why a spec cannot join the mask: it clashes with the spec at index `owner`.
-struct Conflict {
-    owner: usize,
-    /// Set when both go through this member, one as an array and one as an object;
-    /// otherwise one output path equals or is a prefix of the other.
-    shape: Option<String>,
 }
 
 impl FieldMask {
@@ -187,150 +134,10 @@ impl FieldMask {
     }
 }
 
-impl FieldSpec {
-    fn parse(raw: &str) -> Result<FieldSpec, String> {
-        let mut tokens = raw.split_whitespace();
-        let (path, alias) = match (tokens.next(), tokens.next(), tokens.next(), tokens.next()) {
-            (None, ..) => return Err("empty field spec".to_owned()),
-            (Some(path), None, ..) => (path, None),
-            (Some(path), Some("as"), Some(alias), None) => (path, Some(alias)),
-            _ => return Err("expected `path` or `path as name`".to_owned()),
-        };
-        let path = path
-            .split('.')
-            .map(|segment| match segment.strip_suffix("[]") {
-                Some(name) => check_name(name).map(|()| Segment {
-                    name: name.to_owned(),
-                    array: true,
-                }),
-                None => check_name(segment).map(|()| Segment {
-                    name: segment.to_owned(),
-                    array: false,
-                }),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let alias = match alias {
-            Some(alias) if alias.contains(['.', '[', ']']) => {
-                return Err(format!(
-                    "alias `{alias}` must be a single segment (no `.` or `[]`)"
-                ))
-            }
-            Some(alias) => {
-                check_name(alias).map_err(|e| format!("alias: {e}"))?;
-                Some(alias.to_owned())
-            }
-            None => None,
-        };
-        Ok(FieldSpec { path, alias })
-    }
-
-    fn render(&self, out: &mut String) {
-        for (i, segment) in self.path.iter().enumerate() {
-            if i > 0 {
-                out.push('.');
-            }
-            out.push_str(&segment.name);
-            if segment.array {
-                out.push_str("[]");
-            }
-        }
-        if let Some(alias) = &self.alias {
-            let _ = write!(out, " as {alias}");
-        }
-    }
-}
-
-impl Node {
-    fn insert(&mut self, spec: &FieldSpec, owner: usize) -> Result<(), Conflict> {
-        if let Some(alias) = &spec.alias {
-            return match self.members.get(alias) {
-                Some(existing) => Err(overlap(existing.owner)),
-                None => {
-                    let kind = MemberKind::Alias(spec.path.clone());
-                    self.members.insert(alias.clone(), Member { owner, kind });
-                    Ok(())
-                }
-            };
-        }
-        let Some((leaf, parents)) = spec.path.split_last() else {
-            return Ok(());
-        };
-        let mut node = self;
-        for segment in parents {
-            let member = node
-                .members
-                .entry(segment.name.clone())
-                .or_insert_with(|| Member {
-                    owner,
-                    kind: MemberKind::Path {
-                        array: segment.array,
-                        next: Some(Node::default()),
-                    },
-                });
-            let existing = member.owner;
-            match &mut member.kind {
-                MemberKind::Path {
-                    array,
-                    next: Some(child),
-                } if *array == segment.array => node = child,
-                MemberKind::Path { next: Some(_), .. } => {
-                    return Err(Conflict {
-                        owner: existing,
-                        shape: Some(segment.name.clone()),
-                    })
-                }
-                _ => return Err(overlap(existing)),
-            }
-        }
-        if let Some(existing) = node.members.get(&leaf.name) {
-            return Err(overlap(existing.owner));
-        }
-        let kind = MemberKind::Path {
-            array: leaf.array,
-            next: None,
-        };
-        node.members
-            .insert(leaf.name.clone(), Member { owner, kind });
-        Ok(())
-    }
-}
-
-fn overlap(owner: usize) -> Conflict {
-    Conflict { owner, shape: None }
-}
-
-fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("empty segment name".to_owned());
-    }
-    match name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '$' | '@' | '-')))
-    {
-        None => Ok(()),
-        Some('[' | ']') => Err(format!("`[]` may only close a segment, found `{name}`")),
-        Some(c) => Err(format!(
-            "invalid character {c:?} in `{name}` (allowed: A-Z a-z 0-9 _ $ @ -)"
-        )),
-    }
-}
-
 /// Follows a dotted member path (`data.orders`); `None` if a step is missing, is not an
 /// object, or the path is invalid.
 pub fn select<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
     validate_select(path).ok()?;
     path.split('.')
         .try_fold(doc, |value, name| value.as_object()?.get(name))
-}
-
-/// Checks a `select:` path: dotted segment names, no `[]`.
-pub fn validate_select(path: &str) -> Result<(), String> {
-    if path.contains(['[', ']']) {
-        return Err(format!(
-            "select path `{path}` must not contain `[]`: it selects members only"
-        ));
-    }
-    path.split('.')
-        .try_for_each(check_name)
-        .map_err(|e| format!("select path `{path}`: {e}"))
 }

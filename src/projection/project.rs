@@ -20,7 +20,19 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde::Deserialize as _;
 use serde_json::value::RawValue;
 
-use super::{MemberKind, Node, ProjectError, Segment};
+use super::spec::{validate_select, MemberKind, Node, Segment};
+
+/// Why a response body could not be projected.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    #[error("response body is not valid JSON: {0}")]
+    InvalidJson(#[from] serde_json::Error),
+    #[error("response body is neither a JSON object nor a JSON array")]
+    NotAnObjectOrArray,
+    /// The `select` path leads nowhere: a step is missing or is not an object.
+    #[error("answer has no `{0}` to select")]
+    NothingToSelect(String),
+}
 
 /// How a value read from the document becomes output; compiled once per mask.
 #[derive(Debug, Clone)]
@@ -134,7 +146,7 @@ pub(super) fn project(
             plan,
         }
         .deserialize(&mut de)?),
-        Some(path) if super::validate_select(path).is_ok() => Select {
+        Some(path) if validate_select(path).is_ok() => Select {
             writer: writer_ref,
             path,
             plan,

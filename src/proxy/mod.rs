@@ -1,13 +1,10 @@
-//! The Pingora `ProxyHttp` implementation: each phase delegates to one pipeline stage.
-
-mod active;
-mod ctx;
+//! The Pingora adapter: the `ProxyHttp` implementation, in which each phase delegates to one
+//! pipeline stage. It holds no state and no logic of its own; the request context is
+//! `pipeline::RequestCtx`.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use futures::FutureExt;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -15,63 +12,9 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use tracing::error;
 
-pub use active::Active;
-pub use ctx::{Claims, RequestCtx};
-
-use crate::cache::Cache;
 use crate::envelope::{Envelope, ErrorCode};
-use crate::metrics::Metrics;
-use crate::pipeline::auth::KeyLoadError;
-use crate::pipeline::{self, edge, observe, respond};
-use crate::policy::Policy;
+use crate::pipeline::{self, edge, observe, respond, RequestCtx, Shared};
 use crate::upstream;
-
-/// State shared by every request, the admin port and the background jobs.
-pub struct Shared {
-    pub policy: ArcSwap<Active>,
-    /// Cached answers of `fetch` routes; it outlives policy reloads (keys follow the shape).
-    pub cache: Arc<Cache>,
-    pub metrics: Arc<Metrics>,
-    pub in_flight: Arc<AtomicUsize>,
-    /// False until the background jobs (signals, policy watch) run, and again while draining.
-    pub ready: AtomicBool,
-}
-
-impl Shared {
-    pub fn new(policy: Policy) -> Self {
-        let metrics = Arc::new(Metrics::new());
-        // Keys are loaded by the background job: the sidecar may start before its JWKS is up.
-        let verifier = Active::verifier_for(&policy, None).map(|(verifier, _)| verifier);
-        Shared {
-            policy: ArcSwap::from_pointee(Active::new(policy, &metrics, None, verifier)),
-            cache: Arc::new(Cache::new(crate::cache::L1_BYTES)),
-            metrics,
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            ready: AtomicBool::new(false),
-        }
-    }
-
-    /// Puts a newly loaded policy in force; requests under way keep the one they started on.
-    /// A key source the policy brings is loaded first; if it cannot be, the policy is refused
-    /// and the one in force keeps serving (with the old keys, every token still verifies).
-    pub async fn install(&self, policy: Policy) -> Result<(), KeyLoadError> {
-        let previous = self.policy.load_full();
-        let verifier = Active::verifier_for(&policy, Some(&previous));
-        // Before anything else is built: a refused policy leaves no trace (not even a gauge).
-        if let Some((verifier, true)) = &verifier {
-            verifier.load_keys().await?;
-        }
-        let verifier = verifier.map(|(verifier, _)| verifier);
-        let active = Active::new(policy, &self.metrics, Some(&previous), verifier);
-        self.policy.store(Arc::new(active));
-        Ok(())
-    }
-
-    /// Ready for traffic: started, not draining, token keys loaded.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(std::sync::atomic::Ordering::SeqCst) && self.policy.load().has_keys()
-    }
-}
 
 pub struct Bff {
     pub shared: Arc<Shared>,
@@ -140,7 +83,7 @@ impl ProxyHttp for Bff {
     ) -> pingora::Result<()> {
         // The app receives the request unchanged but for `X-Trace-Id`: the trace id the request
         // is logged under, which replaces a client's malformed one.
-        request.insert_header(edge::TRACE_HEADER, ctx.trace_id.as_str())
+        request.insert_header(crate::caller::TRACE_HEADER, ctx.trace_id.as_str())
     }
 
     async fn response_filter(
@@ -149,7 +92,7 @@ impl ProxyHttp for Bff {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        response.insert_header(edge::TRACE_HEADER, ctx.trace_id.as_str())
+        response.insert_header(crate::caller::TRACE_HEADER, ctx.trace_id.as_str())
     }
 
     async fn fail_to_proxy(

@@ -27,8 +27,8 @@ use std::time::Instant;
 use prometheus::IntGauge;
 use tower::{Layer, Service};
 
-use super::{Answer, CallError, Failure, Outbound};
-use crate::pipeline::rate_limit::Identity;
+use super::call::{Answer, CallError, Failure, Outbound};
+use crate::caller::Identity;
 use crate::policy::BreakerPolicy;
 
 /// Most identities whose failed answers are told apart in one count; beyond them so many
@@ -353,6 +353,20 @@ impl Drop for Pending<'_> {
             } else {
                 self.breaker.release(admission);
             }
+        }
+    }
+}
+
+/// What a failure tells the upstream's circuit breaker.
+impl Failure {
+    fn health(&self) -> Health {
+        match self {
+            // A 4xx is an answer about the request, not about the upstream's health.
+            Failure::Status(status) if *status < 500 => Health::Answered,
+            Failure::Status(_) | Failure::Transport(_) | Failure::BadBody(_) => Health::Failed,
+            Failure::Connect(_) | Failure::Timeout(_) => Health::Down,
+            // A token endpoint's failure says nothing of the upstream (and never reaches it).
+            Failure::Request(_) | Failure::CircuitOpen | Failure::Credential(_) => Health::Answered,
         }
     }
 }

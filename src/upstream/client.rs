@@ -20,10 +20,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
+use super::call::{error_chain, Answer, CallError, Failure, Outbound, IDLE_TIMEOUT, MAX_BODY};
 use super::decode::BodyDecoder;
 use super::tls::{self, UpstreamTls};
-use super::{error_chain, Answer, CallError, Failure, Outbound, IDLE_TIMEOUT, MAX_BODY};
-use crate::pipeline::edge::TRACE_HEADER;
+use crate::caller::TRACE_HEADER;
 use crate::policy::{Upstream, Var};
 
 /// The header that marks a request as coming from a BFF (see `pipeline::edge`).
@@ -75,7 +75,7 @@ pub fn prepare(upstream: &Upstream, client: &str, outbound: Outbound) -> Prepare
                 Var::Jwt(claim) => outbound
                     .claims
                     .as_deref()
-                    .and_then(|claims| crate::pipeline::claim_value(claims, claim)),
+                    .and_then(|claims| crate::caller::claim_value(claims, claim)),
                 Var::AuthClient => outbound.api_client.as_deref().map(Cow::Borrowed),
                 _ => None,
             })

@@ -21,8 +21,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tracing::{info, warn};
 
-use super::{error_chain, FileFailures, IDLE_TIMEOUT};
-use crate::policy::secrets::SecretError;
+use super::call::{error_chain, FileFailures, IDLE_TIMEOUT};
+use crate::policy::secrets::{header_value, SecretError};
 use crate::policy::{OAuth2Client, SecretText, Upstream};
 
 /// Largest token endpoint answer read.
@@ -217,22 +217,6 @@ impl<T> fmt::Debug for Rotating<T> {
             self.upstream, self.key, self.source
         )
     }
-}
-
-/// A credential header's value (the message names no part of it): printable ASCII, spaces
-/// and tabs only. `HeaderValue` would also take bytes above 127, which servers read in
-/// different ways or refuse.
-pub fn header_value(text: String) -> Result<HeaderValue, String> {
-    let printable = text
-        .bytes()
-        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
-    let value = HeaderValue::from_str(&text).ok().filter(|_| printable);
-    let mut value = value.ok_or_else(|| {
-        "the value read is not a valid header value (printable ASCII only: no control characters or newlines)"
-            .to_string()
-    })?;
-    value.set_sensitive(true);
-    Ok(value)
 }
 
 fn client_secret(text: String) -> Result<String, String> {

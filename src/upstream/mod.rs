@@ -1,5 +1,7 @@
 //! Reaching internal services: one client stack per upstream, built once per policy and
 //! shared by every route, and the peer of the app that unmatched requests fall through to.
+//! It knows nothing of requests or Pingora's proxy: who is calling comes as a `Caller`
+//! (see `crate::caller`).
 //!
 //! A call goes down the stack in this order (`UpstreamClient::new` builds it; the first three
 //! are applied by `UpstreamClient::call`, above the tower stack):
@@ -16,6 +18,7 @@
 //! that is down is not a fault of the upstream, so it must not count at its breaker.
 
 mod breaker;
+mod call;
 mod client;
 pub mod credential;
 mod decode;
@@ -27,7 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, Method};
 use indexmap::IndexMap;
 use pingora::prelude::HttpPeer;
 use pingora::{Error, ErrorType};
@@ -35,24 +38,20 @@ use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tracing::warn;
 
+pub use call::{error_chain, Answer, CallError, Failure, FileFailures, Outbound};
+pub use call::{IDLE_TIMEOUT, MAX_BODY};
 pub use client::BFF_CLIENT_HEADER;
 
+use crate::caller::{Claims, Identity};
 use crate::envelope::ErrorCode;
 use crate::metrics::{Metrics, Outcome};
-use crate::pipeline::rate_limit::Identity;
 use crate::policy::{Policy, Upstream};
-use crate::proxy::Claims;
-use breaker::{Breaker, BreakerLayer, Health};
+use breaker::{Breaker, BreakerLayer};
 use credential::MachineCredential;
 use retry::{Retries, RetryBudget};
 
-/// Largest (decompressed) body read from an upstream.
-pub const MAX_BODY: usize = 4 << 20;
 /// Used for the app's connections when the policy gives it no `timeout`.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a pooled upstream connection may sit idle before it is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// What a route asks of an upstream.
 pub struct Call {
     pub method: Method,
@@ -76,121 +75,7 @@ pub struct Caller<'a> {
     pub identity: &'a Identity,
 }
 
-/// A call as it travels down the stack; cloned for each retry.
-#[derive(Clone)]
-pub struct Outbound {
-    pub method: Method,
-    pub path: String,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    pub trace_id: String,
-    pub traceparent: Option<HeaderValue>,
-    pub claims: Option<Arc<Claims>>,
-    pub api_client: Option<Arc<str>>,
-    pub identity: Identity,
-    /// The machine credential's header (value marked sensitive).
-    pub credential: Option<(HeaderName, HeaderValue)>,
-    /// When the call's timeout ends (see `breaker`).
-    pub deadline: Instant,
-}
-
-/// A 2xx answer, its body read whole.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: StatusCode,
-    pub body: Bytes,
-}
-
-/// A failed call, naming the upstream.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("upstream `{upstream}`: {failure}")]
-pub struct CallError {
-    pub upstream: String,
-    pub failure: Failure,
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum Failure {
-    #[error("cannot connect: {0}")]
-    Connect(String),
-    #[error("connection failed: {0}")]
-    Transport(String),
-    #[error("no complete answer within {0:?}")]
-    Timeout(Duration),
-    #[error("answered {0}")]
-    Status(u16),
-    #[error("{0}")]
-    BadBody(String),
-    #[error("circuit open")]
-    CircuitOpen,
-    /// The request could not be built from this client request's inputs.
-    #[error("{0}")]
-    Request(String),
-    /// No machine credential for the call (the OAuth2 token endpoint failed); the message
-    /// holds no secret.
-    #[error("machine credential: {0}")]
-    Credential(String),
-}
-
-impl Failure {
-    pub fn outcome(&self) -> Outcome {
-        match self {
-            Failure::Connect(_)
-            | Failure::Transport(_)
-            | Failure::Status(_)
-            | Failure::Request(_)
-            | Failure::Credential(_) => Outcome::Error,
-            Failure::Timeout(_) => Outcome::Timeout,
-            Failure::BadBody(_) => Outcome::BadBody,
-            Failure::CircuitOpen => Outcome::CircuitOpen,
-        }
-    }
-
-    /// The client-facing code when this failure decides a `proxy` route's answer.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            Failure::Connect(_)
-            | Failure::Transport(_)
-            | Failure::CircuitOpen
-            | Failure::Credential(_) => ErrorCode::DependencyUnavailable,
-            Failure::Timeout(_) => ErrorCode::DeadlineExceeded,
-            Failure::Status(status) => ErrorCode::for_upstream_status(*status),
-            Failure::BadBody(_) => ErrorCode::BadUpstreamResponse,
-            Failure::Request(_) => ErrorCode::BadRequest,
-        }
-    }
-
-    /// What this failure tells the upstream's circuit breaker.
-    fn health(&self) -> Health {
-        match self {
-            // A 4xx is an answer about the request, not about the upstream's health.
-            Failure::Status(status) if *status < 500 => Health::Answered,
-            Failure::Status(_) | Failure::Transport(_) | Failure::BadBody(_) => Health::Failed,
-            Failure::Connect(_) | Failure::Timeout(_) => Health::Down,
-            // A token endpoint's failure says nothing of the upstream (and never reaches it).
-            Failure::Request(_) | Failure::CircuitOpen | Failure::Credential(_) => Health::Answered,
-        }
-    }
-}
-
 type Stack = BoxCloneSyncService<Outbound, Answer, CallError>;
-
-/// Counts one upstream's failed re-reads of its secret and TLS files
-/// (`bff_secret_file_failures_total`), by policy key and reason.
-#[derive(Clone)]
-pub struct FileFailures {
-    counter: prometheus::IntCounterVec,
-    client: Arc<str>,
-    upstream: Arc<str>,
-}
-
-impl FileFailures {
-    pub fn count(&self, key: &str, reason: &str) {
-        self.counter
-            .with_label_values(&[&*self.client, &*self.upstream, key, reason])
-            .inc();
-    }
-}
 
 /// One upstream's client stack. Cheap to clone; clones share pool, limits and breaker.
 #[derive(Clone)]
@@ -394,19 +279,6 @@ impl Upstreams {
             failure: Failure::Request("upstream has no client".into()),
         })
     }
-}
-
-/// An error and its causes, `a: b: c`: hyper puts the useful part ("connection refused") in
-/// the causes.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
 }
 
 /// How long a looked-up address of the app is used before it is looked up again.

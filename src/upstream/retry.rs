@@ -10,7 +10,7 @@ use http::Method;
 use prometheus::IntCounter;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use super::{Answer, CallError, Failure, Outbound};
+use super::call::{Answer, CallError, Failure, Outbound};
 use crate::policy::RetryPolicy;
 
 /// Shared by every call to one upstream.

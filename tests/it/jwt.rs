@@ -152,7 +152,7 @@ auth:
     algorithms: [RS256, RS384, RS512, PS256, ES256, ES384, EdDSA]
     {key_source}
     leeway: {leeway}
-  # These tests refuse many tokens from one address; the limit on that is rate_limit.rs's.
+  # These tests refuse many tokens from one address; the limit on that is pipeline::rate_limit's.
   failure_limit: {{ requests: 1000, per: 1m }}
 upstreams:
   user: {{ url: "{upstream}", timeout: 1s }}

@@ -7,17 +7,19 @@
 //! fall back to a weaker method. A route with `auth: none` never looks at credentials.
 
 mod api_key;
+mod failure;
 mod jwt;
 
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue};
 
-pub use api_key::{ApiKeyError, ApiKeySet, ApiKeys};
+pub use api_key::ApiKeys;
+pub use failure::AuthFailure;
 pub use jwt::{KeyLoadError, Verifier};
 
+use crate::caller::Claims;
 use crate::policy::{Route, RouteAuth};
-use crate::proxy::{Active, Claims};
 
 /// Who the request is, by the credential it presented.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,48 +28,6 @@ pub enum Principal {
     Token(Arc<Claims>),
     /// The name of the API key (`{auth.client}`).
     ApiKey(Arc<str>),
-}
-
-/// Why a presented credential was refused (the `reason` label of `bff_auth_failures_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum AuthFailure {
-    #[error("no credential")]
-    Missing,
-    #[error("malformed credential")]
-    Malformed,
-    #[error("bad token signature")]
-    BadSignature,
-    #[error("token expired")]
-    Expired,
-    #[error("token not yet valid")]
-    NotYetValid,
-    #[error("wrong token issuer")]
-    WrongIssuer,
-    #[error("wrong token audience")]
-    WrongAudience,
-    #[error("unknown signing key")]
-    UnknownKey,
-    #[error("token algorithm not allowed")]
-    DisallowedAlg,
-    #[error("unknown API key")]
-    UnknownApiKey,
-}
-
-impl AuthFailure {
-    pub fn reason(self) -> &'static str {
-        match self {
-            AuthFailure::Missing => "missing",
-            AuthFailure::Malformed => "malformed",
-            AuthFailure::BadSignature => "bad_signature",
-            AuthFailure::Expired => "expired",
-            AuthFailure::NotYetValid => "not_yet_valid",
-            AuthFailure::WrongIssuer => "wrong_issuer",
-            AuthFailure::WrongAudience => "wrong_audience",
-            AuthFailure::UnknownKey => "unknown_key",
-            AuthFailure::DisallowedAlg => "disallowed_alg",
-            AuthFailure::UnknownApiKey => "unknown_api_key",
-        }
-    }
 }
 
 /// A request the route does not let through.
@@ -93,12 +53,12 @@ impl Refusal {
     }
 
     /// No credential, where the route needs one: the challenge of every accepted method.
-    pub fn missing(active: &Active) -> Refusal {
+    pub fn missing(methods: Methods<'_>) -> Refusal {
         let mut challenges = Vec::new();
-        if active.verifier.is_some() {
+        if methods.verifier.is_some() {
             challenges.push(HeaderValue::from_static("Bearer"));
         }
-        if let Some(keys) = &active.api_keys {
+        if let Some(keys) = methods.api_keys {
             challenges.push(api_key_challenge(keys, None));
         }
         Refusal::Unauthenticated {
@@ -108,18 +68,26 @@ impl Refusal {
     }
 }
 
+/// The credentials a policy accepts, in the order they are looked for (see `Active::auth_methods`).
+#[derive(Clone, Copy)]
+pub struct Methods<'a> {
+    pub verifier: Option<&'a Verifier>,
+    pub api_keys: Option<&'a ApiKeys>,
+    pub api_key_first: bool,
+}
+
 /// Checks the request's credential against the route's `auth` and `scopes`.
 pub async fn authenticate(
-    active: &Active,
+    methods: Methods<'_>,
     route: &Route,
     headers: &HeaderMap,
 ) -> Result<Principal, Refusal> {
     if route.auth == RouteAuth::None {
         return Ok(Principal::Anonymous);
     }
-    let principal = presented(active, headers).await?;
+    let principal = presented(methods, headers).await?;
     if principal == Principal::Anonymous && route.auth == RouteAuth::Required {
-        return Err(Refusal::missing(active));
+        return Err(Refusal::missing(methods));
     }
     if !route.scopes.is_empty() {
         let granted = match &principal {
@@ -143,9 +111,9 @@ pub async fn authenticate(
 }
 
 /// The first credential the request presents, in the policy's order, verified.
-async fn presented(active: &Active, headers: &HeaderMap) -> Result<Principal, Refusal> {
+async fn presented(methods: Methods<'_>, headers: &HeaderMap) -> Result<Principal, Refusal> {
     let by_token = async {
-        let Some(verifier) = &active.verifier else {
+        let Some(verifier) = methods.verifier else {
             return Ok(None);
         };
         match verifier.verify(headers).await {
@@ -157,7 +125,7 @@ async fn presented(active: &Active, headers: &HeaderMap) -> Result<Principal, Re
         }
     };
     let by_key = || {
-        let Some(keys) = &active.api_keys else {
+        let Some(keys) = methods.api_keys else {
             return Ok(None);
         };
         match keys.check(headers) {
@@ -168,8 +136,7 @@ async fn presented(active: &Active, headers: &HeaderMap) -> Result<Principal, Re
             }),
         }
     };
-    let api_key_first = active.auth.as_ref().is_some_and(|a| a.api_key_first);
-    let found = if api_key_first {
+    let found = if methods.api_key_first {
         match by_key()? {
             Some(principal) => Some(principal),
             None => by_token.await?,
@@ -237,24 +204,5 @@ mod tests {
         assert_eq!(granted(json!({"scope": "a", "scp": ["b"]})), ["a", "b"]);
         assert!(granted(json!({"scope": {"a": true}})).is_empty());
         assert!(granted(json!({})).is_empty());
-    }
-
-    #[test]
-    fn reasons_are_the_metric_labels() {
-        let all = [
-            (AuthFailure::Missing, "missing"),
-            (AuthFailure::Malformed, "malformed"),
-            (AuthFailure::BadSignature, "bad_signature"),
-            (AuthFailure::Expired, "expired"),
-            (AuthFailure::NotYetValid, "not_yet_valid"),
-            (AuthFailure::WrongIssuer, "wrong_issuer"),
-            (AuthFailure::WrongAudience, "wrong_audience"),
-            (AuthFailure::UnknownKey, "unknown_key"),
-            (AuthFailure::DisallowedAlg, "disallowed_alg"),
-            (AuthFailure::UnknownApiKey, "unknown_api_key"),
-        ];
-        for (failure, reason) in all {
-            assert_eq!(failure.reason(), reason);
-        }
     }
 }

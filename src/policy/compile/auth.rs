@@ -11,7 +11,7 @@ use super::diagnostics::Diagnostics;
 use super::rate_limit::compile_rate_limit;
 use super::scope::Identities;
 use super::upstream::reserved_header;
-use crate::pipeline::auth::ApiKeySet;
+use crate::policy::api_keys::ApiKeySet;
 use crate::policy::raw;
 use crate::policy::secrets;
 use crate::policy::{ApiKeyAuth, Auth, JwtAuth, KeySource, RouteAuth};

@@ -25,7 +25,7 @@ pub(super) fn compile_credential(
     // The same test as when the file is read again (it also marks the value sensitive).
     let value = diags.check(
         &spec.value.referenced,
-        crate::upstream::credential::header_value(source.resolved.clone())
+        crate::policy::secrets::header_value(source.resolved.clone())
             .map_err(|_| "credential value is not a valid header value".to_string()),
     )?;
     Some(Credential {

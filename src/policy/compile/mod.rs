@@ -24,7 +24,7 @@ use std::sync::Arc;
 use indexmap::IndexMap;
 use serde_saphyr::Spanned;
 
-use crate::pipeline::route::RouteTable;
+use super::route_table::RouteTable;
 use crate::policy::raw::RawPolicy;
 use crate::policy::{Diagnostic, Policy};
 use auth::compile_auth;

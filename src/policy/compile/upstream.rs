@@ -16,8 +16,8 @@ use super::scope::Identities;
 use crate::policy::raw;
 use crate::policy::secrets;
 use crate::policy::template::{Template, Var};
+use crate::policy::tls_files::{CaBundle, ClientIdentity, IdentityError};
 use crate::policy::{BreakerPolicy, RetryPolicy, TlsPolicy, Upstream};
-use crate::upstream::tls::{CaBundle, ClientIdentity, IdentityError};
 
 /// Looks an upstream up by name, reporting an undefined one.
 pub(super) type FindUpstream<'a> =

@@ -4,9 +4,9 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
+use super::auth::{ApiKeys, Methods, Verifier};
+use super::limiters::RateLimits;
 use crate::metrics::Metrics;
-use crate::pipeline::auth::{ApiKeys, Verifier};
-use crate::pipeline::rate_limit::RateLimits;
 use crate::policy::{JwtAuth, Policy};
 use crate::upstream::{AppPeer, Upstreams};
 
@@ -82,6 +82,15 @@ impl Active {
             keys.refresh();
         }
         self.upstreams.refresh_files();
+    }
+
+    /// The credentials this policy accepts, for `auth::authenticate`.
+    pub fn auth_methods(&self) -> Methods<'_> {
+        Methods {
+            verifier: self.verifier.as_deref(),
+            api_keys: self.api_keys.as_ref(),
+            api_key_first: self.policy.auth.as_ref().is_some_and(|a| a.api_key_first),
+        }
     }
 
     fn jwt(&self) -> Option<&JwtAuth> {

@@ -6,11 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::Active;
+use super::active::Active;
+use crate::caller::Claims;
 use crate::policy::{Route, Upstream};
-
-/// A verified token's payload.
-pub type Claims = serde_json::Map<String, serde_json::Value>;
 
 pub struct RequestCtx {
     pub started: Instant,
