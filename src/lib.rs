@@ -27,11 +27,13 @@
 //!
 //! ```text
 //! client ─▶ listener     connection cap, head bounds    listener (431, or close)
-//!        ─▶ edge         trace id, loop refusal (508)   pipeline::edge
+//!        ─▶ edge         trace id, loop refusal (508),  pipeline::edge, pipeline::path
+//!                        path normalised (400)
 //!        ─▶ route        method + path → Route          policy::route_table (404/405, or fall through)
 //!        ─▶ auth         JWT or API key; scopes (403)   pipeline::auth (401)
 //!        ─▶ rate limit   sub, API key or address (429)  pipeline::rate_limit
 //!        ─▶ inputs       path, query, claims checked    pipeline::inputs
+//!        ─▶ cache        versioned key, L1 → L2, XFetch pipeline::cache, cache
 //!        ─▶ fan-out      every fetch at once, projected pipeline::fanout, upstream, projection
 //!        ─▶ assemble     {meta, sections}, degradation  pipeline::assemble
 //!           (or proxy route: one upstream, projected    pipeline::proxy_route)

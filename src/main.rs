@@ -16,7 +16,7 @@ use bff::server::{self, RunOptions};
 
 // glibc's malloc took about a sixth of a pass-through request's CPU time under the load
 // benchmark; jemalloc answered more requests than glibc and mimalloc, at an idle RSS within
-// bounds where mimalloc's was not (README, Performance).
+// bounds where mimalloc's was not (docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
